@@ -1,0 +1,59 @@
+"""Cross-replica BatchNorm with SyncBN-style groups.
+
+Flax's BatchNorm reduces over the whole (global) batch under jit, which is SyncBN with one group. DCv2's
+published runs synchronise BN in groups of 8 GPUs, so we need statistics per group of devices; that is
+the one semantic difference from `flax.linen.BatchNorm` and the reason this module exists.
+
+How groups map to devices: the batch axis is sharded contiguously over the mesh's data axis, so device d
+holds rows [d*n, (d+1)*n). Reshaping the batch to [G, N/G, ...] therefore puts the rows of devices
+[g*k, (g+1)*k) in group g, and a mean over axis 1 is an all-reduce inside each group (XLA inserts it).
+
+PyTorch conventions kept for weight export: normalise with the biased batch variance, update the running
+variance with the unbiased one, eps 1e-5, momentum 0.9 in Flax terms (0.1 in PyTorch's).
+Running statistics are replicated: they take the mean over groups of the group statistics (SyncBN's
+replicas would each keep their own group's, and the reference saves rank 0's).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class BatchNorm(nn.Module):
+  use_running_average: bool
+  num_groups: int = 1             # 1 = global statistics
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32        # output dtype; statistics are always float32
+
+  @nn.compact
+  def __call__(self, x):
+    features = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+
+    if self.use_running_average:
+      y = (x.astype(jnp.float32) - ra_mean.value) * (scale * jnp.reciprocal(jnp.sqrt(ra_var.value + self.epsilon)))
+      return (y + bias).astype(self.dtype)
+
+    g = self.num_groups
+    if x.shape[0] % g:
+      raise ValueError(f"BatchNorm: batch {x.shape[0]} is not divisible into {g} SyncBN groups")
+    xg = x.reshape((g, x.shape[0] // g) + x.shape[1:]).astype(jnp.float32)
+    axes = tuple(range(1, xg.ndim - 1))
+    count = xg.size // (g * features)
+    mean = xg.mean(axes, keepdims=True)
+    var = jnp.square(xg - mean).mean(axes, keepdims=True)   # two-pass: no cancellation in bf16 nets
+
+    if not self.is_initializing():
+      m = self.momentum
+      unbiased = var * (count / max(count - 1, 1))
+      ra_mean.value = m * ra_mean.value + (1 - m) * mean.reshape(g, features).mean(0)
+      ra_var.value = m * ra_var.value + (1 - m) * unbiased.reshape(g, features).mean(0)
+
+    y = (xg - mean) * jnp.reciprocal(jnp.sqrt(var + self.epsilon)) * scale + bias
+    return y.reshape(x.shape).astype(self.dtype)

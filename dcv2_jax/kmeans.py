@@ -1,0 +1,120 @@
+"""Spherical Lloyd k-means over a (sharded) memory bank, as DCv2 runs it at the start of every epoch.
+
+Memory: the bank is never scored against all K centroids at once. Rows are viewed as
+[shards, chunks, chunk, D] and a scan walks the chunk axis, so every device scores `chunk` of its own rows
+per iteration ([shards*chunk, K] live at a time) and accumulates its own per-cluster sums; the sums cross
+devices once per Lloyd iteration (one all-reduce of [K, D], inserted by XLA). With `shards` equal to the
+number of devices the bank is split over, every reshape here keeps rows on their device.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from dcv2_jax.loss import IGNORE
+
+
+def init_centroids(key, bank, num_clusters: int, valid=None):
+  """K distinct valid rows of the bank, drawn with `key` (the same key on every process: same result)."""
+  n = bank.shape[0]
+  p = None if valid is None else valid.astype(jnp.float32) / jnp.maximum(valid.sum(), 1)
+  rows = jax.random.choice(key, n, (num_clusters,), replace=False, p=p)
+  return bank[rows].astype(jnp.float32)
+
+
+def _default_shards(n: int) -> int:
+  d = jax.device_count()
+  return d if n % d == 0 else 1
+
+
+def _chunked_view(x, shards: int, chunk: int, fill):
+  """[N, ...] -> [M, shards, c, ...] with c <= chunk; padding (with `fill`) stays inside each shard."""
+  n = x.shape[0]
+  local = n // shards
+  c = max(1, min(chunk, local))
+  m = -(-local // c)
+  x = x.reshape((shards, local) + x.shape[1:])
+  pad = m * c - local
+  if pad:
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+  x = x.reshape((shards, m, c) + x.shape[2:])
+  return jnp.moveaxis(x, 1, 0), local
+
+
+def _assign_pass(chunks, valid_chunks, centroids, precision, with_sums: bool):
+  """One pass over the bank: assignments [M, P, c], best scores, and (optionally) per-cluster sums/counts."""
+  k, d = centroids.shape
+  shards = chunks.shape[1]
+
+  def body(carry, xs):
+    x, v = xs                                                   # [P,c,D], [P,c]
+    scores = jnp.einsum("pcd,kd->pck", x, centroids, precision=precision,
+                        preferred_element_type=jnp.float32)
+    a = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    best = jnp.where(v, jnp.max(scores, axis=-1), jnp.inf)
+    a = jnp.where(v, a, IGNORE)
+    if with_sums:
+      sums, counts = carry
+      onehot = jax.nn.one_hot(a, k, dtype=jnp.float32)          # IGNORE rows -> all zeros
+      # Per-shard accumulators: the sum over shards (a cross-device all-reduce) waits until after the scan.
+      sums = sums + jnp.einsum("pck,pcd->pkd", onehot, x, precision=precision,
+                               preferred_element_type=jnp.float32)
+      counts = counts + onehot.sum(axis=1)
+      carry = (sums, counts)
+    return carry, (a, best)
+
+  init = (jnp.zeros((shards, k, d), jnp.float32), jnp.zeros((shards, k), jnp.float32)) if with_sums else None
+  carry, (assign, best) = jax.lax.scan(body, init, (chunks, valid_chunks))
+  if with_sums:
+    sums, counts = carry
+    return assign, best, sums.sum(0), counts.sum(0)
+  return assign, best, None, None
+
+
+def _reseed_empty(centroids, counts, chunks, best):
+  """Move each empty cluster onto one of the rows farthest from their centroid (lowest best score)."""
+  k = centroids.shape[0]
+  flat_best = best.reshape(-1)
+  flat_rows = chunks.reshape(-1, chunks.shape[-1])
+  _, far = jax.lax.top_k(-flat_best, min(k, flat_best.shape[0]))
+  empty = counts == 0
+  rank = jnp.clip(jnp.cumsum(empty) - 1, 0, far.shape[0] - 1)
+  cand = flat_rows[far[rank]]
+  cand = cand / jnp.maximum(jnp.linalg.norm(cand, axis=-1, keepdims=True), 1e-12)
+  return jnp.where(empty[:, None], cand, centroids)
+
+
+@functools.partial(jax.jit, static_argnames=("num_iters", "chunk_size", "shards", "empty_clusters", "precision"))
+def lloyd(bank, centroids, num_iters: int, valid=None, *, chunk_size: int = 65536, shards: int | None = None,
+          empty_clusters: str = "keep", precision=None):
+  """Spherical k-means: `num_iters` update steps and `num_iters + 1` assignment steps.
+
+  bank [N, D] unit rows; centroids [K, D] initial. An update sets each centroid to the L2-normalised
+  mean of its members; a cluster with no members keeps its centroid (empty_clusters='keep', as the
+  reference) or is moved onto a far-away row ('reseed'). valid [N] bool masks padding rows: their
+  assignment is -100 and they count nowhere. Returns (centroids [K, D], assignments [N] int32).
+  """
+  if empty_clusters not in ("keep", "reseed"):
+    raise ValueError(f"empty_clusters={empty_clusters!r}: use 'keep' or 'reseed'")
+  n = bank.shape[0]
+  shards = _default_shards(n) if shards is None else shards
+  valid = jnp.ones((n,), bool) if valid is None else valid.astype(bool)
+  chunks, local = _chunked_view(bank.astype(jnp.float32), shards, chunk_size, 0.0)
+  valid_chunks, _ = _chunked_view(valid, shards, chunk_size, False)
+  centroids = centroids.astype(jnp.float32)
+
+  def update(_, c):
+    _, best, sums, counts = _assign_pass(chunks, valid_chunks, c, precision, with_sums=True)
+    new = sums / jnp.maximum(jnp.linalg.norm(sums, axis=-1, keepdims=True), 1e-12)
+    new = jnp.where((counts > 0)[:, None], new, c)
+    if empty_clusters == "reseed":
+      new = _reseed_empty(new, counts, chunks, best)
+    return new
+
+  centroids = jax.lax.fori_loop(0, num_iters, update, centroids)
+  assign, _, _, _ = _assign_pass(chunks, valid_chunks, centroids, precision, with_sums=False)
+  # [M, P, c] -> [P, M*c] -> drop per-shard padding -> [N]
+  assign = jnp.moveaxis(assign, 0, 1).reshape(shards, -1)[:, :local].reshape(n)
+  return centroids, assign

@@ -1,0 +1,41 @@
+"""DCv2 loss: cross-entropy of every crop against its sample's k-means assignment, per head.
+
+Unlike SwAV there is no swapping between crops: all C crops of sample i share the hard target
+assignments[h][dataset_index(i)] computed from last epoch's memory bank. Targets of -100 (sample absent
+from that bank) are ignored. Loss and softmax run in float32 whatever the compute dtype.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IGNORE = -100
+
+
+def head_logits(z, centroids, temperature):
+  """z [C,B,D], centroids [H,K,D] -> logits [H,C,B,K] in float32."""
+  return jnp.einsum("cbd,hkd->hcbk", z.astype(jnp.float32), centroids.astype(jnp.float32)) / temperature
+
+
+def dcv2_loss(z, centroids, targets, temperature, return_accuracy: bool = False):
+  """Mean over heads of the mean cross-entropy over non-ignored (crop, sample) rows.
+
+  z: [C, B, D] unit rows, crop-major. centroids: [H, K, D]. targets: [H, B] int, -100 = ignore.
+  Returns a scalar (0, with zero gradient, when every row is ignored); with return_accuracy also the
+  per-head fraction [H] of non-ignored rows whose argmax equals the target.
+  """
+  logits = head_logits(z, centroids, temperature)                      # [H,C,B,K]
+  valid = targets != IGNORE                                            # [H,B]
+  safe = jnp.where(valid, targets, 0)[:, None, :]                      # [H,1,B]
+  logz = jax.nn.logsumexp(logits, axis=-1)                             # [H,C,B]
+  picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+  mask = jnp.broadcast_to(valid[:, None, :], logz.shape).astype(jnp.float32)
+  count = mask.sum(axis=(1, 2))                                        # [H]
+  # where(), not a plain product: an ignored row must not carry a NaN/inf into the sum.
+  per_head = jnp.where(mask > 0, logz - picked, 0.0).sum(axis=(1, 2)) / jnp.maximum(count, 1.0)
+  loss = per_head.mean()
+  if not return_accuracy:
+    return loss
+  hit = (jnp.argmax(logits, axis=-1) == safe) & (mask > 0)
+  accuracy = hit.sum(axis=(1, 2)) / jnp.maximum(count, 1.0)
+  return loss, accuracy

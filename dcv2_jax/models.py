@@ -1,0 +1,217 @@
+"""ResNet trunk (torchvision-exact), projection head and the DCv2 multi-crop model.
+
+Module and parameter names mirror torchvision's state-dict keys (`layer1_0/conv1` is `layer1.0.conv1`)
+so that weight export is a renaming plus transposes. Padding is explicit and symmetric, never 'SAME',
+because 'SAME' pads stride-2 convolutions asymmetrically and the numbers would not match torchvision.
+
+Width multiplier follows the SwAV repo's ResNet-50-wN (every channel count times N, features 2048*N),
+which is what the published wide DCv2/SwAV checkpoints use; torchvision's wide_resnet50_2 is a
+different network (only the bottleneck's inner width doubles).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dcv2_jax.batchnorm import BatchNorm
+
+STAGES = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),
+          101: ("bottleneck", (3, 4, 23, 3)), 152: ("bottleneck", (3, 8, 36, 3))}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# torchvision: kaiming_normal_(mode='fan_out', nonlinearity='relu'), untruncated.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# torch.nn.Linear default: kaiming_uniform_(a=sqrt(5)) == U(+-1/sqrt(fan_in)); same bound for the bias.
+linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def feature_dim(depth: int, width: int = 1, base_width: int = 64) -> int:
+  """Channels of the pooled trunk output: 512 (18/34) or 2048 (50+) for base width 64, times width."""
+  kind, _ = STAGES[depth]
+  return base_width * width * 8 * (4 if kind == "bottleneck" else 1)
+
+
+class Conv(nn.Module):
+  """Bias-free convolution with torchvision's symmetric padding k // 2."""
+  features: int
+  kernel: int
+  stride: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    p = self.kernel // 2
+    return nn.Conv(self.features, (self.kernel, self.kernel), (self.stride, self.stride),
+                   padding=((p, p), (p, p)), use_bias=False, dtype=self.dtype,
+                   param_dtype=jnp.float32, kernel_init=conv_init, name="conv")(x)
+
+
+class Block(nn.Module):
+  """BasicBlock (two 3x3) or Bottleneck (1x1, 3x3 with the stride: ResNet v1.5, 1x1 x4)."""
+  planes: int
+  stride: int
+  bottleneck: bool
+  downsample: bool
+  norm: Any
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    if self.bottleneck:
+      convs = ((self.planes, 1, 1), (self.planes, 3, self.stride), (self.planes * 4, 1, 1))
+    else:
+      convs = ((self.planes, 3, self.stride), (self.planes, 3, 1))
+    y = x
+    for i, (features, kernel, stride) in enumerate(convs, start=1):
+      y = Conv(features, kernel, stride, self.dtype, name=f"conv{i}")(y)
+      y = self.norm(name=f"bn{i}")(y)
+      if i < len(convs):
+        y = nn.relu(y)
+    if self.downsample:
+      x = Conv(convs[-1][0], 1, self.stride, self.dtype, name="downsample_conv")(x)
+      x = self.norm(name="downsample_bn")(x)
+    return nn.relu(y + x)
+
+
+class ResNet(nn.Module):
+  """Trunk: images [B,H,W,3] (normalised) -> pooled float32 features [B, feature_dim]."""
+  depth: int = 50
+  width: int = 1
+  base_width: int = 64
+  dtype: Any = jnp.float32
+  bn_groups: int = 1
+  bn_momentum: float = 0.9
+  bn_eps: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    kind, blocks = STAGES[self.depth]
+    bottleneck = kind == "bottleneck"
+    norm = lambda name: BatchNorm(not train, self.bn_groups, self.bn_momentum, self.bn_eps, self.dtype,
+                                  name=name)
+    stem = self.base_width * self.width
+    x = Conv(stem, 7, 2, self.dtype, name="conv1")(x.astype(self.dtype))
+    x = nn.relu(norm("bn1")(x))
+    x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    in_ch = stem
+    for stage, n in enumerate(blocks):
+      planes = stem * 2 ** stage
+      out_ch = planes * (4 if bottleneck else 1)
+      for i in range(n):
+        stride = 2 if (stage > 0 and i == 0) else 1
+        x = Block(planes, stride, bottleneck, i == 0 and (stride != 1 or in_ch != out_ch), norm,
+                  self.dtype, name=f"layer{stage + 1}_{i}")(x)
+        in_ch = out_ch
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+def _torch_linear_bias_init(fan_in: int):
+  bound = 1.0 / math.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class ProjectionHead(nn.Module):
+  """MLP from config: Linear(+bias) [-> BN] [-> ReLU] per hidden layer, plain Linear last.
+
+  dims=(2048, 128) with bn is the SwAV-repo head; (2048, 2048, 128) the seed document's 3-layer MLP.
+  """
+  dims: Sequence[int]
+  use_bn: bool = True
+  use_relu: bool = True
+  dtype: Any = jnp.float32
+  bn_groups: int = 1
+  bn_momentum: float = 0.9
+  bn_eps: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    for i, d in enumerate(self.dims):
+      x = nn.Dense(d, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=linear_init,
+                   bias_init=_torch_linear_bias_init(x.shape[-1]), name=f"linear{i}")(x)
+      if i < len(self.dims) - 1:
+        if self.use_bn:
+          x = BatchNorm(not train, self.bn_groups, self.bn_momentum, self.bn_eps, self.dtype,
+                        name=f"bn{i}")(x)
+        if self.use_relu:
+          x = nn.relu(x)
+    return x.astype(jnp.float32)
+
+
+def l2_normalize(x, eps: float = 1e-12):
+  # Matches torch.nn.functional.normalize: x / max(||x||, eps).
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+class DCv2Model(nn.Module):
+  """Multi-crop forward: crop groups -> unit embeddings z [B, C, D], sample-major.
+
+  `crops` is a list with one array [B, n_g, S_g, S_g, 3] per crop group. Consecutive groups of equal size
+  go through the trunk together (as the reference concatenates equal resolutions). Rows stay
+  sample-major ([B, n] -> [B*n]) so every reshape keeps each device's rows on that device.
+  """
+  depth: int = 50
+  width: int = 1
+  base_width: int = 64
+  head_dims: Sequence[int] = (2048, 128)
+  head_bn: bool = True
+  head_relu: bool = True
+  dtype: Any = jnp.float32
+  bn_groups: int = 1
+  bn_momentum: float = 0.9
+  bn_eps: float = 1e-5
+
+  def setup(self):
+    bn = dict(bn_groups=self.bn_groups, bn_momentum=self.bn_momentum, bn_eps=self.bn_eps)
+    self.trunk = ResNet(self.depth, self.width, self.base_width, self.dtype, **bn)
+    self.head = ProjectionHead(tuple(self.head_dims), self.head_bn, self.head_relu, self.dtype, **bn)
+
+  def __call__(self, crops, train: bool = True):
+    feats = []
+    for group in _equal_size_runs(crops):
+      x = jnp.concatenate(group, axis=1) if len(group) > 1 else group[0]
+      b, n = x.shape[:2]
+      feats.append(self.trunk(x.reshape((b * n,) + x.shape[2:]), train).reshape(b, n, -1))
+    f = jnp.concatenate(feats, axis=1) if len(feats) > 1 else feats[0]
+    b, c = f.shape[:2]
+    z = self.head(f.reshape(b * c, -1), train)
+    return l2_normalize(z).reshape(b, c, -1)
+
+
+def _equal_size_runs(crops):
+  runs = []
+  for x in crops:
+    if runs and runs[-1][0].shape[2:] == x.shape[2:]:
+      runs[-1].append(x)
+    else:
+      runs.append([x])
+  return runs
+
+
+def bn_groups_for(group_size: int, num_devices: int, local_devices: int) -> int:
+  """SyncBN group size (VISSL's GROUP_SIZE: 0 global, -1 one host, k devices) -> number of groups."""
+  size = {0: num_devices, -1: local_devices}.get(group_size, group_size)
+  if size <= 0 or num_devices % size:
+    raise ValueError(f"model.sync_bn.group_size={group_size} gives groups of {size} devices, which do not "
+                     f"divide the {num_devices} devices; use 0 (global), -1 (per host) or a divisor")
+  return num_devices // size
+
+
+def model_from_config(config, num_devices: int | None = None, local_devices: int | None = None) -> DCv2Model:
+  m = config.model
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  local_devices = jax.local_device_count() if local_devices is None else local_devices
+  if m.depth not in STAGES:
+    raise ValueError(f"model.depth={m.depth}: choose one of {sorted(STAGES)}")
+  if m.dtype not in DTYPES:
+    raise ValueError(f"model.dtype={m.dtype!r}: choose one of {sorted(DTYPES)}")
+  trunk_dim = feature_dim(m.depth, m.width, m.base_width)
+  if m.head_input_dim not in (-1, trunk_dim):
+    raise ValueError(f"model.head_input_dim={m.head_input_dim} does not match the trunk's feature dim "
+                     f"{trunk_dim} (depth {m.depth}, width {m.width}); set it to -1 or {trunk_dim}")
+  return DCv2Model(m.depth, m.width, m.base_width, tuple(m.head_dims), m.head_bn, m.head_relu,
+                   DTYPES[m.dtype], bn_groups_for(m.sync_bn.group_size, num_devices, local_devices),
+                   m.bn_momentum, m.bn_eps)

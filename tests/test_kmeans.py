@@ -1,0 +1,135 @@
+"""lloyd against a float64 numpy reference; sharded bank equals one device; memory-bank table."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from dcv2_jax import kmeans, memory_bank
+from dcv2_jax.sharding import make_mesh
+
+
+def unit(x):
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def reference_lloyd(bank, cents, iters, valid):
+  bank, cents = bank.astype(np.float64), cents.astype(np.float64).copy()
+  for it in range(iters + 1):
+    a = np.argmax(bank @ cents.T, axis=1)
+    a[~valid] = -100
+    if it == iters:
+      return cents, a
+    for k in range(len(cents)):
+      members = bank[a == k]
+      if len(members):
+        s = members.sum(0)
+        cents[k] = s / np.linalg.norm(s)
+
+
+def blobs(rng, n, d, k):
+  centers = unit(rng.normal(size=(k, d)))
+  return unit(centers[rng.integers(0, k, n)] + 0.3 * rng.normal(size=(n, d))).astype(np.float32)
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1000])
+def test_lloyd_matches_reference_with_padding(chunk):
+  rng = np.random.default_rng(0)
+  bank = np.abs(blobs(rng, 200, 8, 6))      # positive orthant: a negative centroid wins no row
+  valid = rng.random(200) > 0.2
+  init = bank[np.flatnonzero(valid)[:10]]
+  # Far-away initial centroid: nothing is assigned to it -> empty cluster must keep it.
+  init[3] = -unit(np.ones(8))
+  got_c, got_a = kmeans.lloyd(jnp.asarray(bank), jnp.asarray(init), 5, jnp.asarray(valid), chunk_size=chunk)
+  ref_c, ref_a = reference_lloyd(bank, init, 5, valid)
+  np.testing.assert_array_equal(np.asarray(got_a), ref_a)
+  np.testing.assert_allclose(np.asarray(got_c), ref_c, atol=1e-5)
+  assert np.all(np.asarray(got_a)[~valid] == -100)
+  assert not np.any(np.asarray(got_a) == 3)                       # empty ...
+  np.testing.assert_allclose(np.asarray(got_c)[3], init[3], atol=1e-6)   # ... kept its centroid
+
+
+def test_zero_iters_is_one_assignment():
+  rng = np.random.default_rng(1)
+  bank = blobs(rng, 50, 4, 3)
+  c, a = kmeans.lloyd(jnp.asarray(bank), jnp.asarray(bank[:3]), 0)
+  np.testing.assert_array_equal(np.asarray(c), bank[:3])
+  np.testing.assert_array_equal(np.asarray(a), np.argmax(bank @ bank[:3].T, 1))
+
+
+def test_reseed_fills_empty_clusters():
+  rng = np.random.default_rng(2)
+  bank = np.abs(blobs(rng, 300, 8, 5))
+  init = bank[:8].copy()
+  init[5:] = -unit(np.ones(8))                                 # three identical far-away centroids
+  _, a_keep = kmeans.lloyd(jnp.asarray(bank), jnp.asarray(init), 4)
+  c, a = kmeans.lloyd(jnp.asarray(bank), jnp.asarray(init), 4, empty_clusters="reseed")
+  sizes_keep = np.bincount(np.asarray(a_keep), minlength=8)
+  sizes = np.bincount(np.asarray(a), minlength=8)
+  assert (sizes_keep == 0).sum() >= 2
+  assert (sizes == 0).sum() < (sizes_keep == 0).sum()
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(c), axis=1), 1.0, atol=1e-5)
+
+
+def test_sharded_bank_equals_single_device():
+  rng = np.random.default_rng(3)
+  bank = blobs(rng, 8 * 40, 16, 12)
+  valid = rng.random(320) > 0.1
+  init = bank[:12]
+  mesh = make_mesh()
+  sharded = jax.device_put(bank, NamedSharding(mesh, P("data", None)))
+  sv = jax.device_put(valid, NamedSharding(mesh, P("data")))
+  c8, a8 = kmeans.lloyd(sharded, jnp.asarray(init), 6, sv, chunk_size=16, shards=8)
+  one = jax.devices()[0]
+  c1, a1 = kmeans.lloyd(jax.device_put(bank, one), jax.device_put(init, one), 6, jax.device_put(valid, one),
+                        chunk_size=16, shards=1)
+  np.testing.assert_array_equal(np.asarray(a8), np.asarray(a1))
+  np.testing.assert_allclose(np.asarray(c8), np.asarray(c1), atol=1e-5)
+  assert len(c8.sharding.device_set) == 8
+
+
+def test_init_centroids_valid_distinct_and_deterministic():
+  rng = np.random.default_rng(4)
+  bank = jnp.asarray(unit(rng.normal(size=(100, 4))), jnp.float32)
+  valid = jnp.asarray(np.arange(100) % 3 == 0)
+  a = kmeans.init_centroids(jax.random.key(7), bank, 20, valid)
+  b = kmeans.init_centroids(jax.random.key(7), bank, 20, valid)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  rows = [int(np.argmax(np.all(np.isclose(np.asarray(bank), r), axis=1))) for r in np.asarray(a)]
+  assert len(set(rows)) == 20 and all(r % 3 == 0 for r in rows)
+
+
+def test_bank_write_rows_and_table():
+  steps, b, d, n_examples = 3, 8, 4, 30
+  bank = memory_bank.create(2, steps, b, d)
+  idx_all = np.arange(steps * b).reshape(steps, b) + 5
+  for s in range(steps):
+    z = np.stack([np.full((b, d), 100 * k + s, np.float32) for k in range(2)])
+    bank = memory_bank.write(bank, s, jnp.asarray(z), jnp.asarray(idx_all[s]))
+  z_rows, index = memory_bank.rows(bank)
+  # Row r of the k-means view holds the sample whose index is index[r], from the step that wrote it.
+  step_of = {int(i): s for s in range(steps) for i in idx_all[s]}
+  for r, i in enumerate(np.asarray(index)):
+    assert np.all(np.asarray(z_rows)[1, r] == 100 + step_of[int(i)])
+  assign = jnp.asarray(np.stack([np.asarray(index) % 7, np.asarray(index) % 5]))
+  table = np.asarray(memory_bank.assignment_table(assign, index, n_examples))
+  for i in range(n_examples):
+    if 5 <= i < 5 + steps * b:
+      assert table[0, i] == i % 7 and table[1, i] == i % 5
+    else:
+      assert table[0, i] == -100 and table[1, i] == -100
+
+
+def test_cluster_all_heads():
+  rng = np.random.default_rng(5)
+  steps, b, d = 4, 16, 8
+  bank = memory_bank.create(2, steps, b, d)
+  for s in range(steps):
+    bank = memory_bank.write(bank, s, jnp.asarray(np.stack([blobs(rng, b, d, 3)] * 2)),
+                             jnp.arange(s * b, (s + 1) * b))
+  cents, table, sizes = memory_bank.cluster(jax.random.key(0), bank, (5, 5, 5), 3, 70, crops_for_mb_count=2,
+                                            chunk_size=16)
+  assert cents.shape == (3, 5, d) and table.shape == (3, 70)
+  t = np.asarray(table)
+  assert np.all(t[:, 64:] == -100) and np.all((t[:, :64] >= 0) & (t[:, :64] < 5))
+  np.testing.assert_array_equal(np.asarray(sizes), np.stack([np.bincount(t[h, :64], minlength=5) for h in range(3)]))
