@@ -1,0 +1,93 @@
+"""Checkpoints with orbax: the whole DCv2 state plus a JSON record (config, data position, step).
+
+Orbax writes each step into a temporary directory and renames it when complete, so a run killed while
+saving leaves no checkpoint that looks finished: a partly written checkpoint is never loaded. Arrays are
+restored onto whatever mesh the restoring run has (the memory bank just re-shards), which is how a run
+saved on 8 devices resumes on 4.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class Checkpoints:
+  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+    self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    self.manager = ocp.CheckpointManager(
+        self.directory, item_names=("state", "meta"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             enable_async_checkpointing=async_save))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, meta: dict) -> None:
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    meta=ocp.args.JsonSave(meta)), force=True)
+
+  def restore(self, abstract_state, step: int | None = None):
+    """(state, meta) of `step` (default: the newest complete one), or None when there is none."""
+    step = self.manager.latest_step() if step is None else step
+    if step is None:
+      return None
+    out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                             meta=ocp.args.JsonRestore()))
+    return out["state"], out["meta"]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def abstract_like(shape_tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shape_tree, shardings)
+
+
+def _manager_dir_and_step(path: str):
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
+    return os.path.join(path, CHECKPOINT_DIR), None
+  base = os.path.basename(path.rstrip("/"))
+  if base.isdigit() and os.path.isdir(os.path.join(path, "state")):
+    return os.path.dirname(path), int(base)
+  if os.path.isdir(path) and any(d.isdigit() for d in os.listdir(path)):
+    return path, None
+  raise FileNotFoundError(f"{path}: not a dcv2-jax workdir (no {CHECKPOINT_DIR}/ inside) nor a checkpoint "
+                          f"directory (<workdir>/{CHECKPOINT_DIR}/<step>)")
+
+
+def restore_model_variables(path: str):
+  """(config, {'params', 'batch_stats'}, centroids [H,K,D] numpy, step) from a workdir or checkpoint dir.
+
+  Restores on the first local device as plain nested dicts, so it works on any machine (no mesh needed).
+  """
+  directory, step = _manager_dir_and_step(path)
+  manager = ocp.CheckpointManager(directory, item_names=("state", "meta"),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"{directory}: no complete checkpoint found")
+  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  item_meta = manager.item_metadata(step)["state"]
+  device = jax.local_devices()[0]
+  single = jax.sharding.SingleDeviceSharding(device)
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=single), item_meta.tree
+                          if hasattr(item_meta, "tree") else item_meta)
+  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+  manager.close()
+  to_np = lambda t: jax.tree.map(np.asarray, t)
+  config = ml_collections.ConfigDict(json.loads(meta["config"]))
+  variables = {"params": to_np(state["params"]), "batch_stats": to_np(state["batch_stats"])}
+  return config, variables, np.asarray(state["centroids"]), int(np.asarray(state["step"]))

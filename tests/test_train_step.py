@@ -1,0 +1,142 @@
+"""The sharded train step: 8 devices == 1 device, bank writes, init pass, fp16 overflow handling."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dcv2_jax import train_step as ts
+from dcv2_jax.config import base_config
+from dcv2_jax.sharding import local_batch_to_global, make_mesh
+
+B, STEPS, N = 16, 3, 64
+
+
+def tiny_config(dtype="float32"):
+  c = base_config()
+  c.model.depth, c.model.base_width, c.model.head_dims = 18, 8, (32, 16)
+  c.model.dtype = dtype
+  c.loss.num_clusters = (10, 10, 10)
+  c.data.crops = ((32, 2, 0.5, 1.0), (16, 2, 0.2, 0.5))
+  c.batch_size, c.num_epochs = B, 2
+  c.optim.warmup_epochs = 1
+  return c
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(num_devices: int, dtype: str = "float32", loss_scale: float = 2.0 ** 15):
+  """One compilation per device count, shared by the tests (CPU compiles dominate their time)."""
+  c = tiny_config(dtype)
+  c.optim.loss_scale = loss_scale
+  devices = jax.devices()[:num_devices]
+  mesh = make_mesh(devices)
+  spec = ts.make_spec(c, N, STEPS, num_devices=num_devices, local_devices=num_devices)
+  return mesh, spec, ts.compile_for_mesh(spec, mesh)
+
+
+def random_batch(rng, step=0, num_groups=2):
+  crops = [rng.integers(0, 256, (B, 2, 32, 32, 3), dtype=np.uint8),
+           rng.integers(0, 256, (B, 2, 16, 16, 3), dtype=np.uint8)]
+  return {"crops": crops[:num_groups], "index": (np.arange(B) + step * B).astype(np.int32),
+          "label": np.zeros(B, np.int32)}
+
+
+def fresh_state(comp, seed=0):
+  state = comp.init(jax.random.key(0))
+  rng = np.random.default_rng(seed)
+  cents = rng.normal(size=state.centroids.shape).astype(np.float32)
+  cents /= np.linalg.norm(cents, axis=-1, keepdims=True)
+  table = rng.integers(0, 10, state.table.shape).astype(np.int32)
+  table[:, ::5] = -100
+  return state.replace(centroids=jax.device_put(cents, state.centroids.sharding),
+                       table=jax.device_put(table, state.table.sharding))
+
+
+def run_steps(num_devices, batches, state=None):
+  mesh, spec, comp = compiled(num_devices)
+  state = fresh_state(comp) if state is None else state
+  metrics = []
+  for b in batches:
+    state, m = comp.train_step(state, local_batch_to_global(b, mesh))
+    metrics.append(jax.device_get(m))
+  return state, metrics
+
+
+def test_eight_devices_equal_one_device():
+  rng = np.random.default_rng(0)
+  batches = [random_batch(rng, s) for s in range(2)]
+  s8, m8 = run_steps(8, batches)
+  s1, m1 = run_steps(1, batches)
+  for a, b in zip(m8, m1):
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+  p8, p1 = jax.tree.leaves(jax.device_get(s8.params)), jax.tree.leaves(jax.device_get(s1.params))
+  for a, b in zip(p8, p1):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(jax.device_get(s8.batch_stats)), jax.tree.leaves(jax.device_get(s1.batch_stats))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(s8.bank.z), np.asarray(s1.bank.z), atol=1e-5)
+  assert len(s8.bank.z.sharding.device_set) == 8
+  p0 = jax.tree.leaves(jax.device_get(fresh_state(compiled(1)[2]).params))
+  assert max(np.abs(a - b).max() for a, b in zip(p1, p0)) > 0     # the step did change the weights
+
+
+def test_bank_holds_pre_update_z_of_crops_for_mb():
+  rng = np.random.default_rng(1)
+  batches = [random_batch(rng, s) for s in range(2)]
+  s_after_0, _ = run_steps(8, batches[:1])
+  before = jax.device_get((s_after_0.params, s_after_0.batch_stats))
+  state, metrics = run_steps(8, batches[1:], state=s_after_0)
+  assert all(np.isfinite(m["loss"]) for m in metrics)
+  idx = np.asarray(state.bank.index)
+  np.testing.assert_array_equal(idx[0], batches[0]["index"])
+  np.testing.assert_array_equal(idx[1], batches[1]["index"])
+  assert np.all(idx[2] == -1)                                  # slot row 2 not written yet
+  # Slot row 1 = forward of batch 1 with the weights after step 0 (pre-update for step 1).
+  spec = compiled(8)[1]
+  crops = ts.prepare_crops(spec, [jnp.asarray(x) for x in batches[1]["crops"]],
+                           jnp.asarray(batches[1]["index"]), jnp.asarray(0))
+  z, _ = spec.model.apply({"params": before[0], "batch_stats": before[1]}, crops, train=True,
+                          mutable=["batch_stats"])
+  bank = np.asarray(state.bank.z)
+  np.testing.assert_allclose(bank[:, 1], np.swapaxes(np.asarray(z)[:, :2], 0, 1), atol=2e-5)
+  np.testing.assert_allclose(np.linalg.norm(bank[:, :2], axis=-1), 1.0, atol=1e-5)
+
+
+def test_skipped_samples_are_ignored():
+  b = random_batch(np.random.default_rng(2))
+  b["index"][:] = -1
+  _, metrics = run_steps(8, [b])
+  assert metrics[0]["loss"] == 0.0 and metrics[0]["skipped"] == B
+
+
+def test_bank_init_pass_then_kmeans_then_step():
+  rng = np.random.default_rng(4)
+  mesh, spec, comp = compiled(8)
+  state = comp.init(jax.random.key(0))
+  for s in range(STEPS):
+    state = comp.bank_init_step(state, local_batch_to_global(random_batch(rng, s), mesh), jnp.asarray(s))
+  idx = np.asarray(state.bank.index)
+  np.testing.assert_array_equal(np.sort(idx.ravel()), np.arange(STEPS * B))
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(state.bank.z), axis=-1), 1.0, atol=1e-5)
+  state, sizes = comp.kmeans_step(state, jax.random.key(1))
+  table = np.asarray(state.table)
+  assert np.all(table[:, :STEPS * B] >= 0) and np.all(table[:, STEPS * B:] == -100)
+  assert np.asarray(sizes).sum(axis=1).tolist() == [STEPS * B] * 3
+  state, m = comp.train_step(state, local_batch_to_global(random_batch(rng, 0), mesh))
+  assert np.isfinite(float(m["loss"])) and float(m["loss"]) > 0
+
+
+def test_fp16_overflow_skips_update_and_halves_scale():
+  rng = np.random.default_rng(3)
+  mesh, spec, comp = compiled(8, "float16", 3e38)      # the scaled loss overflows -> inf gradients
+  state = fresh_state(comp)
+  before = jax.device_get(state.params)
+  state, m = comp.train_step(state, local_batch_to_global(random_batch(rng), mesh))
+  assert not bool(m["grads_finite"])
+  assert float(state.loss_scale.scale) == pytest.approx(1.5e38, rel=1e-3)
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(state.params))):
+    np.testing.assert_array_equal(a, b)
+  for s in (1, 2):
+    state, m = comp.train_step(state, local_batch_to_global(random_batch(rng, s), mesh))
+  assert np.isfinite(m["loss"]) and float(state.loss_scale.scale) < 1e38
