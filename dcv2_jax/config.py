@@ -27,6 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.num_workers = 8              # grain worker processes per host (0 = in the main process)
   d.prefetch = 2                 # batches prepared ahead, per worker / on device
   d.image_size_digits = 32       # digits demo: 8x8 images are upscaled to this size first
+  d.threads_per_worker = 1       # threads building batches in each worker (or in-process if num_workers=0)
 
   # --- augmentation (spec: applied independently per crop) ---
   c.augment = a = ml_collections.ConfigDict()
@@ -37,6 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
   a.grayscale_p = 0.2
   a.blur_p = 0.5
   a.blur_sigma = (0.1, 2.0)
+  a.blur_kernel_frac = 0.1       # blur taps 2*floor(frac*S/2)+1: 23 at S=224, 17 at 160, 9 at 96
   a.mean = (0.485, 0.456, 0.406)
   a.std = (0.228, 0.224, 0.225)  # SwAV repo; VISSL uses 0.229 for red
 
@@ -85,5 +87,77 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
-  c.eval_every_epochs = 0        # 0 = only at the end
+  c.keep_assignments = 10        # per-epoch assignment tables kept in <workdir>/assignments (0 = all)
+  c.eval_at_end = False          # kNN + linear probe on data.eval_split after training
+  c.eval_random_init = False     # also evaluate the network at initialisation, for comparison
   return c
+
+
+class ConfigError(ValueError):
+  """A setting that cannot work, found before anything is compiled."""
+
+
+def resolve(config, num_devices: int) -> tuple[ml_collections.ConfigDict, list[str]]:
+  """Derived settings: the global batch from per_device_batch_size. Returns (config, notes to log)."""
+  config = ml_collections.ConfigDict(config.to_dict())   # unlocked copy; the caller's stays as given
+  notes = []
+  if config.per_device_batch_size > 0:
+    config.batch_size = config.per_device_batch_size * num_devices
+    notes.append(f"batch_size = per_device_batch_size {config.per_device_batch_size} x {num_devices} devices "
+                 f"= {config.batch_size}")
+  o = config.optim
+  if o.scale_lr_with_batch and config.batch_size != o.lr_reference_batch:
+    f = config.batch_size / o.lr_reference_batch
+    notes.append(f"linear LR scaling: global batch {config.batch_size} / reference {o.lr_reference_batch} -> "
+                 f"peak LR {o.lr * f:.4g}, warm-up start {o.warmup_start_lr * f:.4g}, final {o.final_lr * f:.4g} "
+                 "(set optim.scale_lr_with_batch=False to use the values as given)")
+  return config, notes
+
+
+def validate(config, num_examples: int, steps_per_epoch: int, num_devices: int, num_processes: int) -> None:
+  """All impossible settings at once, in one message, before any compilation."""
+  from dcv2_jax.models import STAGES, feature_dim   # models imports jax/flax; keep this module light
+  problems = []
+  b, l, m = config.batch_size, config.loss, config.model
+  if b % num_devices:
+    problems.append(f"batch_size {b} is not divisible by the {num_devices} devices")
+  if b % num_processes:
+    problems.append(f"batch_size {b} is not divisible by the {num_processes} processes")
+  crops = tuple(config.data.crops)
+  num_crops = sum(int(c[1]) for c in crops)
+  if not crops or any(len(c) != 4 or c[0] <= 0 or c[1] <= 0 or not 0 < c[2] <= c[3] <= 1 for c in crops):
+    problems.append(f"data.crops={crops}: give groups (size, count, min_scale, max_scale) with "
+                    "0 < min_scale <= max_scale <= 1")
+  if not l.crops_for_mb or any(not 0 <= c < num_crops for c in l.crops_for_mb):
+    problems.append(f"loss.crops_for_mb={tuple(l.crops_for_mb)}: crop numbers must lie in [0, {num_crops}) "
+                    f"for data.crops={crops}")
+  ks = tuple(l.num_clusters)
+  if not ks or len(set(ks)) != 1:
+    problems.append(f"loss.num_clusters={ks}: give one or more heads with the same number of clusters")
+  rows = steps_per_epoch * b
+  if ks and max(ks) > rows:
+    problems.append(f"loss.num_clusters={ks}: more clusters than memory-bank rows ({rows} = {steps_per_epoch} "
+                    f"steps x batch {b} of the {num_examples} samples); lower num_clusters")
+  if m.depth in STAGES and m.head_input_dim not in (-1, feature_dim(m.depth, m.width, m.base_width)):
+    problems.append(f"model.head_input_dim={m.head_input_dim} does not match the trunk's feature dim "
+                    f"{feature_dim(m.depth, m.width, m.base_width)} (depth {m.depth}, width {m.width})")
+  if m.depth not in STAGES:
+    problems.append(f"model.depth={m.depth}: choose one of {sorted(STAGES)}")
+  if m.dtype not in ("float32", "bfloat16", "float16"):
+    problems.append(f"model.dtype={m.dtype!r}: choose float32, bfloat16 or float16")
+  if not m.head_dims or any(d <= 0 for d in m.head_dims):
+    problems.append(f"model.head_dims={tuple(m.head_dims)}: give positive layer widths, the last = embedding dim")
+  gs = m.sync_bn.group_size
+  if gs not in (0, -1) and (gs < 0 or num_devices % gs):
+    problems.append(f"model.sync_bn.group_size={gs}: use 0 (global), -1 (per host) or a divisor of the "
+                    f"{num_devices} devices")
+  if l.temperature <= 0:
+    problems.append(f"loss.temperature={l.temperature} must be > 0")
+  if config.optim.name not in ("larc", "lars", "sgd"):
+    problems.append(f"optim.name={config.optim.name!r}: choose larc, lars or sgd")
+  if l.empty_clusters not in ("keep", "reseed"):
+    problems.append(f"loss.empty_clusters={l.empty_clusters!r}: choose keep or reseed")
+  if config.num_epochs <= 0:
+    problems.append(f"num_epochs={config.num_epochs} must be > 0")
+  if problems:
+    raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
