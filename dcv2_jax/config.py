@@ -105,6 +105,7 @@ def resolve(config, num_devices: int) -> tuple[ml_collections.ConfigDict, list[s
     config.batch_size = config.per_device_batch_size * num_devices
     notes.append(f"batch_size = per_device_batch_size {config.per_device_batch_size} x {num_devices} devices "
                  f"= {config.batch_size}")
+    config.per_device_batch_size = 0     # resolved: everything downstream reads batch_size
   o = config.optim
   if o.scale_lr_with_batch and config.batch_size != o.lr_reference_batch:
     f = config.batch_size / o.lr_reference_batch

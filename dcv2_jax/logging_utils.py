@@ -1,0 +1,93 @@
+"""Where the trainer's numbers go: metrics.jsonl, TensorBoard, and a progress line with an ETA.
+
+Only process 0 writes; the other processes get a writer that drops everything.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+
+def to_python(x):
+  """Replicated jax arrays / numpy scalars -> JSON-ready Python numbers (lists for vectors)."""
+  if isinstance(x, jax.Array):
+    x = np.asarray(x.addressable_data(0))     # replicated: every process holds the full value
+  if isinstance(x, np.ndarray):
+    return x.item() if x.ndim == 0 else x.tolist()
+  if isinstance(x, np.generic):
+    return x.item()
+  if isinstance(x, dict):
+    return {k: to_python(v) for k, v in x.items()}
+  return x
+
+
+class MetricWriter:
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      try:
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      except ImportError:   # TensorBoard is a nicety; metrics.jsonl has everything
+        logging.warning("tensorboardX not installed: writing metrics.jsonl only")
+
+  def write(self, record: dict) -> None:
+    if not self.enabled:
+      return
+    record = to_python(record)
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record, allow_nan=True) + "\n")
+    if self._tb is not None:
+      step = record.get("step", 0)
+      for key, value in _flatten(record):
+        if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+          self._tb.add_scalar(key, value, step)
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _flatten(record, prefix=""):
+  for k, v in record.items():
+    name = f"{prefix}{k}"
+    if isinstance(v, dict):
+      yield from _flatten(v, name + "/")
+    elif isinstance(v, list):
+      for i, x in enumerate(v):
+        yield f"{name}/{i}", x
+    else:
+      yield name, v
+
+
+class Progress:
+  """Throughput and ETA over the steps since the last report."""
+
+  def __init__(self, total_steps: int, start_step: int, samples_per_step: int, images_per_step: int):
+    self.total, self.samples, self.images = total_steps, samples_per_step, images_per_step
+    self._t, self._step = time.time(), start_step
+
+  def report(self, step: int) -> dict:
+    now = time.time()
+    dt, n = max(now - self._t, 1e-9), step - self._step
+    self._t, self._step = now, step
+    steps_per_s = n / dt if n else 0.0
+    eta = (self.total - step) / steps_per_s if steps_per_s else float("nan")
+    return {"steps_per_s": steps_per_s, "samples_per_s": steps_per_s * self.samples,
+            "img_per_s": steps_per_s * self.images, "eta_s": eta}
+
+
+def format_eta(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

@@ -1,0 +1,199 @@
+"""The DCv2 trainer: one function that reads top to bottom in named sections.
+
+  config + devices -> data -> model/optimizer/jitted steps -> state (resume by default) ->
+  memory-bank initial pass (fresh runs) -> epochs [k-means, cluster health, train steps, checkpoints] ->
+  final evaluation.
+
+Resume: the newest complete checkpoint in <workdir>/checkpoints is restored, and training continues
+from its step. Everything random derives from (seed, epoch, step or dataset index), so a resumed run
+computes what the uninterrupted run would have (bit-identical on CPU).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from dcv2_jax import checkpoint, cluster_metrics, data
+from dcv2_jax import config as config_lib
+from dcv2_jax import train_step as ts
+from dcv2_jax.logging_utils import MetricWriter, Progress, format_eta, to_python
+from dcv2_jax.sharding import make_mesh
+
+
+class NonFiniteLoss(RuntimeError):
+  pass
+
+
+def _labels_of(source):
+  labels = getattr(source, "labels", None)
+  labels = labels() if callable(labels) else labels
+  return None if labels is None else np.asarray(labels)
+
+
+def _trunk_apply(config):
+  from dcv2_jax.models import ResNet
+  trunk = ResNet(config.model.depth, config.model.width, config.model.base_width, jnp.float32,
+                 bn_eps=config.model.bn_eps)
+  return jax.jit(lambda v, x: trunk.apply(v, x, train=False))
+
+
+def _trunk_variables(state):
+  return {"params": state.params["trunk"], "batch_stats": state.batch_stats["trunk"]}
+
+
+def _save_assignments(workdir, epoch, table, keep):
+  folder = os.path.join(workdir, "assignments")
+  os.makedirs(folder, exist_ok=True)
+  path = os.path.join(folder, f"epoch_{epoch:04d}.npz")
+  np.savez_compressed(path + ".tmp.npz", assignments=table, index=np.arange(table.shape[1], dtype=np.int32))
+  os.replace(path + ".tmp.npz", path)
+  if keep > 0:
+    for old in sorted(f for f in os.listdir(folder) if f.startswith("epoch_"))[:-keep]:
+      os.remove(os.path.join(folder, old))
+
+
+def train_and_evaluate(config, workdir: str, devices=None) -> dict:
+  """Trains (or resumes) a DCv2 run in `workdir` on `devices` (default: all); returns the last summary."""
+  # ---------------------------------------------------------------------------------------- devices
+  is_main = jax.process_index() == 0
+  mesh = make_mesh(devices)
+  num_devices = mesh.devices.size
+  local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+  config, notes = config_lib.resolve(config, num_devices)
+  writer = MetricWriter(workdir, enabled=is_main)
+  logging.info("dcv2-jax: %d process(es), %d device(s) (%s), workdir %s", jax.process_count(),
+               num_devices, jax.devices()[0].platform, workdir)
+  for note in notes:
+    logging.info("config: %s", note)
+
+  # ------------------------------------------------------------------------------------------- data
+  pipeline = data.Pipeline(config)
+  spe, n_examples = pipeline.steps_per_epoch, pipeline.num_examples
+  config_lib.validate(config, n_examples, spe, num_devices, jax.process_count())
+  labels = _labels_of(pipeline.source)
+  total_steps = config.num_epochs * spe
+  logging.info("data: %d samples, global batch %d, %d steps/epoch, %d epochs (%d steps)", n_examples,
+               config.batch_size, spe, config.num_epochs, total_steps)
+  if is_main:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  # ------------------------------------------------------------------------- model and jitted steps
+  spec = ts.make_spec(config, n_examples, spe, num_devices, local_devices)
+  compiled = ts.compile_for_mesh(spec, mesh)
+  apply_trunk = _trunk_apply(config)
+
+  # ------------------------------------------------------------------- state: resume by default
+  ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints)
+  root = jax.random.key(config.seed)
+  shape = jax.eval_shape(lambda k: ts.init_state(spec, k), root)
+  restored = ckpts.restore(checkpoint.abstract_like(shape, compiled.state_sharding))
+  random_init = None
+  if restored is not None:
+    state, meta = restored
+    if (meta["num_examples"], meta["global_batch"]) != (n_examples, config.batch_size):
+      raise config_lib.ConfigError(
+          f"{workdir} holds a run with {meta['num_examples']} samples and global batch {meta['global_batch']}; "
+          f"this config has {n_examples} and {config.batch_size}. Use a new workdir.")
+    logging.info("resumed from step %d (epoch %d)", int(meta["step"]), int(meta["step"]) // spe)
+  else:
+    state = compiled.init(jax.random.fold_in(root, 0))
+    if config.eval_at_end and config.eval_random_init:
+      random_init = jax.device_get(_trunk_variables(state))
+    # -------------------------------------------------------------- memory-bank initial pass
+    t0 = time.time()
+    batches = data.device_prefetch(pipeline.iterate(config.num_epochs), mesh)   # an epoch never trained
+    for slot, batch in enumerate(batches):
+      state = compiled.bank_init_step(state, batch, jnp.asarray(slot, jnp.int32))
+    jax.block_until_ready(state.bank.z)
+    logging.info("memory bank filled: %d rows in %.1fs", spe * config.batch_size, time.time() - t0)
+
+  # ------------------------------------------------------------------------------------- epochs
+  step = int(to_python(state.step))
+  prev_table = to_python(state.table) if step else None
+  prev_table = None if prev_table is None else np.asarray(prev_table)
+  summary = {}
+  while step < total_steps:
+    epoch, first = divmod(step, spe)
+
+    # --- k-means on last epoch's bank (skipped when resuming mid-epoch: centroids are in the state)
+    if first == 0:
+      t0 = time.time()
+      state, sizes = compiled.kmeans_step(state, jax.random.fold_in(jax.random.fold_in(root, 1), epoch))
+      table = np.asarray(to_python(state.table), np.int32)
+      kmeans_s = time.time() - t0
+      health = cluster_metrics.cluster_health(table, spec.num_clusters, prev_table, labels)
+      prev_table = table
+      if is_main:
+        _save_assignments(workdir, epoch, table, config.keep_assignments)
+      writer.write({"step": step, "epoch": epoch, "kmeans_s": kmeans_s, "clusters": health})
+      logging.info("epoch %d k-means %.2fs: empty clusters %s, size entropy %s%s", epoch, kmeans_s,
+                   health["empty_clusters"], [round(x, 3) for x in health["size_entropy"]],
+                   f", NMI(labels) {[round(x, 3) for x in health['nmi_labels']]}" if "nmi_labels" in health else "")
+
+    # --- train steps
+    progress = Progress(total_steps, step, config.batch_size, config.batch_size * spec.num_crops)
+    pending = None          # metrics of the previous step, checked one step late (no pipeline stall)
+    losses = []
+    batches = data.device_prefetch(pipeline.iterate(epoch, first), mesh)
+    for batch in batches:
+      state, metrics = compiled.train_step(state, batch)
+      if pending is not None:
+        losses.append(_check(pending, config))
+      pending = (step, metrics)
+      step += 1
+      if step % config.log_every_steps == 0 or step % spe == 0:
+        losses.append(_check(pending, config))
+        pending = None
+        record = {"step": step, "epoch": epoch, **to_python(metrics), **progress.report(step)}
+        writer.write(record)
+        logging.info("step %d/%d epoch %d loss %.4f lr %.4g %.0f img/s ETA %s", step, total_steps, epoch,
+                     record["loss"], record["lr"], record["img_per_s"], format_eta(record["eta_s"]))
+      if step % config.checkpoint_every_steps == 0 or step % spe == 0:
+        if pending is not None:
+          losses.append(_check(pending, config))
+          pending = None
+        ckpts.save(step, state, {"step": step, "num_examples": n_examples, "global_batch": config.batch_size,
+                                 "data": {"epoch": step // spe, "step": step % spe},
+                                 "config": config.to_json_best_effort()})
+    if pending is not None:
+      losses.append(_check(pending, config))
+
+    summary = {"step": step, "epoch": epoch, "epoch_loss": float(np.mean(losses)) if losses else None}
+    writer.write(summary)
+
+  ckpts.close()
+  pipeline.close()
+
+  # ------------------------------------------------------------------------------ final evaluation
+  if config.eval_at_end and config.data.eval_split:
+    from dcv2_jax import evaluate
+    results = {"learned": evaluate.evaluate_features(apply_trunk, _trunk_variables(state), config.data, mesh=mesh)}
+    if random_init is not None:
+      results["random_init"] = evaluate.evaluate_features(apply_trunk, random_init, config.data, mesh=mesh)
+    for name, r in results.items():
+      logging.info("eval %s: kNN top-1 %.4f, linear top-1 %s", name, r.get("knn_top1", float("nan")),
+                   r.get("linear_top1"))
+    writer.write({"step": step, "eval": results})
+    summary["eval"] = results
+  writer.close()
+  return to_python(summary)
+
+
+def _check(pending, config):
+  """Fetches a step's loss; a non-finite loss stops the run (its checkpoint is never written)."""
+  step, metrics = pending
+  loss = float(to_python(metrics["loss"]))
+  if not np.isfinite(loss):
+    fp16_skip = config.model.dtype == "float16" and not bool(to_python(metrics["grads_finite"]))
+    if not fp16_skip or float(to_python(metrics["loss_scale"])) <= 1.0:
+      raise NonFiniteLoss(f"loss is {loss} at step {step + 1}; the run stops here and the last checkpoint "
+                          "(written before this step) is kept. Lower the LR or use float32/bfloat16.")
+  return loss
