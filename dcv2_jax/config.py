@@ -162,3 +162,25 @@ def validate(config, num_examples: int, steps_per_epoch: int, num_devices: int, 
     problems.append(f"num_epochs={config.num_epochs} must be > 0")
   if problems:
     raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def all_keys(config, prefix: str = "") -> list[str]:
+  keys = []
+  for k, v in config.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      keys += all_keys(v, f"{prefix}{k}.")
+    else:
+      keys.append(prefix + k)
+  return keys
+
+
+def unknown_keys_message(config, overrides) -> str | None:
+  """None if every dotted key in `overrides` exists in `config`, else a message listing the valid keys."""
+  valid = all_keys(config)
+  bad = [k for k in overrides if k not in valid]
+  if not bad:
+    return None
+  import difflib
+  lines = [f"unknown config key --config.{k}" + (f" (did you mean {', '.join(m)}?)" if (
+      m := difflib.get_close_matches(k, valid, n=2)) else "") for k in bad]
+  return "\n".join(lines) + "\nvalid keys:\n  " + "\n  ".join(valid)

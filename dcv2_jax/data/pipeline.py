@@ -1,0 +1,369 @@
+"""The training input pipeline (multi-crop batches) and the evaluation batches, on grain.
+
+Determinism is the design: an epoch's order is a permutation drawn from (seed, epoch); global batch s is
+rows [s*G, (s+1)*G) of it (the last partial batch is dropped); process p of P reads rows
+[p*G/P, (p+1)*G/P) of every global batch; a sample's crops (and host-side colour ops) draw from
+(seed, epoch, dataset index) only. So the batches do not depend on worker count or process count, and
+the iterator's whole state is {epoch, step}: a restart rebuilds the stream from there, no grain state
+needed.
+
+grain does the parallel work: a `MapDataset` over global batch numbers (epoch * steps_per_epoch + step),
+mapped to this process's decoded and cropped batch, prefetched by `data.num_workers` worker processes
+(`mp_prefetch`; 0 = in the main process). The worker processes are kept from one epoch to the next: an
+epoch iterator that runs to its end hands the grain iterator, already busy with the next epoch's first
+batches, to the next `iterate(epoch + 1)`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from typing import Iterator
+
+import grain
+import numpy as np
+
+from dcv2_jax.data import sources, transforms
+
+log = logging.getLogger(__name__)
+
+
+def parse_crops(crops) -> tuple[tuple[int, int, float, float], ...]:
+  """Validates `data.crops`: groups (size, count, min_scale, max_scale), large first."""
+  out = []
+  for group in crops:
+    if len(group) != 4:
+      raise ValueError(f"data.crops groups are (size, count, min_scale, max_scale), got {tuple(group)}")
+    size, count, lo, hi = int(group[0]), int(group[1]), float(group[2]), float(group[3])
+    if size < 1 or count < 1 or not 0.0 < lo <= hi <= 1.0:
+      raise ValueError(f"bad crop group {tuple(group)}: need size >= 1, count >= 1, 0 < min_scale <= max_scale <= 1")
+    out.append((size, count, lo, hi))
+  if not out:
+    raise ValueError("data.crops is empty")
+  if any(a[0] < b[0] for a, b in zip(out, out[1:])):
+    raise ValueError(f"data.crops must list large crops first, got sizes {[g[0] for g in out]}")
+  return tuple(out)
+
+
+def _plain_augment_cfg(cfg) -> dict:
+  # A plain dict pickles cheaply into the workers and does not need ml_collections there.
+  keys = ("flip_p", "jitter_p", "jitter", "grayscale_p", "blur_p", "blur_sigma", "blur_kernel_frac")
+  return {k: cfg[k] for k in keys if k in cfg}
+
+
+class TrainBatchLoader:
+  """Global batch number -> this process's batch. Picklable; runs inside the grain workers."""
+
+  def __init__(self, source, *, seed: int, crops, host_augment_cfg: dict | None, num_examples: int,
+               global_batch: int, local_batch: int, process_index: int, steps_per_epoch: int):
+    self.source = source
+    self.seed = int(seed)
+    self.crops = crops
+    self.host_augment_cfg = host_augment_cfg
+    self.num_examples = num_examples
+    self.global_batch = global_batch
+    self.local_batch = local_batch
+    self.process_index = process_index
+    self.steps_per_epoch = steps_per_epoch
+    self._cache: dict[int, np.ndarray] = {}
+    self._lock = threading.Lock()
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_cache"], state["_lock"] = {}, None
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+  def epoch_order(self, epoch: int) -> np.ndarray:
+    """The epoch's global order: a permutation of the dataset from (seed, epoch) alone."""
+    # spawn_key keeps this stream apart from the per-sample SeedSequence([seed, epoch, index]).
+    seq = np.random.SeedSequence([self.seed, epoch], spawn_key=(1,))
+    return np.random.Generator(np.random.PCG64(seq)).permutation(self.num_examples)
+
+  def local_indices(self, epoch: int) -> np.ndarray:
+    """[steps_per_epoch, local_batch] dataset indices this process reads in `epoch`."""
+    with self._lock:
+      if epoch not in self._cache:
+        g, l, p = self.global_batch, self.local_batch, self.process_index
+        order = self.epoch_order(epoch)[: self.steps_per_epoch * g].reshape(self.steps_per_epoch, g)
+        if len(self._cache) >= 2:  # prefetch spans at most two epochs
+          self._cache.pop(min(self._cache))
+        self._cache[epoch] = np.ascontiguousarray(order[:, p * l:(p + 1) * l])
+      return self._cache[epoch]
+
+  def __call__(self, batch_number: int) -> dict:
+    epoch, step = divmod(int(batch_number), self.steps_per_epoch)
+    indices = self.local_indices(epoch)[step]
+    n = self.local_batch
+    crops = [np.zeros((n, count, size, size, 3), np.uint8) for size, count, _, _ in self.crops]
+    index = np.full((n,), -1, np.int32)
+    label = np.full((n,), -1, np.int32)
+    for row, i in enumerate(indices):
+      i = int(i)
+      try:
+        example = self.source[i]
+        groups = self._sample_crops(example["image"], epoch, i)
+      except Exception as e:  # pylint: disable=broad-except
+        # A bad file must never stop training: skip it, mark it (index -1, zero crops), say which file.
+        log.warning("skipping undecodable sample %s: %s: %s", self.source.describe(i), type(e).__name__, e)
+        continue
+      for dst, src in zip(crops, groups):
+        dst[row] = src
+      index[row] = i
+      label[row] = example["label"]
+    return dict(crops=crops, index=index, label=label)
+
+  def _sample_crops(self, image: np.ndarray, epoch: int, index: int) -> list:
+    rng = transforms.sample_rng(self.seed, epoch, index)
+    groups = transforms.multi_crop(image, rng, self.crops)
+    if self.host_augment_cfg is not None:
+      from dcv2_jax import augment  # pylint: disable=g-import-not-at-top  (jax only in host mode)
+
+      u = rng.random((sum(g[1] for g in self.crops), augment.NUM_UNIFORMS))
+      groups = [augment.host_augment(x, u[sl], self.host_augment_cfg)
+                for x, sl in zip(groups, augment.group_slices(self.crops))]
+    return groups
+
+
+def _grain_iterator(loader, first: int, stop: int, num_workers: int, threads: int, prefetch: int):
+  """A grain iterator over loader(first), ..., loader(stop - 1), in order, prefetched."""
+  ds = grain.MapDataset.range(first, stop).map(loader)
+  if num_workers > 0:
+    from absl import flags  # pylint: disable=g-import-not-at-top
+
+    # grain's worker start-up reads its absl flags; outside an absl app (notebooks, pytest, scripts) they
+    # were never parsed, so take their defaults. An absl app (train.py) has parsed them already.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    # In a worker, one batch in flight per thread is enough; the worker's output buffer does the rest.
+    read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(1, threads))
+    it_ds = ds.to_iter_dataset(read).mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=max(1, prefetch)))
+  else:
+    read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(prefetch, threads, 1))
+    it_ds = ds.to_iter_dataset(read)
+  return iter(it_ds)
+
+
+class EpochIterator:
+  """Batches of one epoch from a step on. `get_state()` = {'epoch', 'step'} of the next batch."""
+
+  def __init__(self, pipeline: "Pipeline", epoch: int, start_step: int, grain_it):
+    self._pipeline = pipeline
+    self.epoch = epoch
+    self._step = start_step
+    self._it = grain_it
+    self._closed = False
+
+  def __iter__(self):
+    return self
+
+  def __len__(self) -> int:
+    return self._pipeline.steps_per_epoch - self._step
+
+  def __next__(self) -> dict:
+    steps = self._pipeline.steps_per_epoch
+    if self._closed:
+      raise RuntimeError(f"the iterator of epoch {self.epoch} was closed at step {self._step} (a later "
+                         "Pipeline.iterate() call or close() replaces it)")
+    if self._step >= steps or self._it is None:
+      self._release()
+      raise StopIteration
+    batch = next(self._it)
+    self._step += 1
+    if self._step == steps:
+      self._release()  # the workers are already busy with the next epoch: keep them for it
+    return dict(crops=list(batch["crops"]), index=batch["index"], label=batch["label"])
+
+  def get_state(self) -> dict:
+    if self._step >= self._pipeline.steps_per_epoch:
+      return dict(epoch=self.epoch + 1, step=0)
+    return dict(epoch=self.epoch, step=self._step)
+
+  def _release(self):
+    if self._it is not None:
+      self._pipeline._keep_spare(self._it, (self.epoch + 1) * self._pipeline.steps_per_epoch)
+      self._it = None
+
+  def close(self):
+    """Stops this iterator's workers (an iterator left mid-epoch owns them)."""
+    if self._it is not None:
+      self._it.close()
+      self._it = None
+      self._closed = self._step < self._pipeline.steps_per_epoch
+
+
+class Pipeline:
+  """Multi-crop training batches for this process.
+
+  Attributes: num_examples, global_batch, local_batch, steps_per_epoch, num_classes (None if unknown),
+  crops (validated `data.crops`), source.
+
+  `iterate(epoch, start_step)` yields dict(crops=[uint8 [local_batch, count, size, size, 3] per crop group],
+  index=int32 [local_batch] (dataset index, -1 for an undecodable sample whose crops are zeros),
+  label=int32 [local_batch] (-1 unknown)).
+
+  Checkpointing: the state is {'epoch': e, 'step': s}, the next batch. Save the `get_state()` of what the
+  train loop consumed (the DevicePrefetcher from `device_prefetch`, which excludes prefetched batches, or
+  the EpochIterator; `pipeline.get_state()` is the latest EpochIterator's). To resume:
+  `pipeline.iterate(state['epoch'], state['step'])`, or `pipeline.set_state(state)` then
+  `pipeline.iterate(state['epoch'])`.
+  """
+
+  def __init__(self, config, process_index: int | None = None, process_count: int | None = None):
+    if process_index is None or process_count is None:
+      import jax  # pylint: disable=g-import-not-at-top
+
+      process_index = jax.process_index() if process_index is None else process_index
+      process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    data = config.data
+    self.crops = parse_crops(data.crops)
+    where = config.augment.where
+    if where not in ("device", "host"):
+      raise ValueError(f"augment.where must be 'device' or 'host', got {where!r}")
+    self.source = sources.make_source(data)
+    self.num_examples = len(self.source)
+    self.num_classes = getattr(self.source, "num_classes", None)
+
+    per_device = int(config.get("per_device_batch_size", 0) or 0)
+    if per_device > 0:
+      import jax  # pylint: disable=g-import-not-at-top
+
+      self.global_batch = per_device * jax.device_count()
+    else:
+      self.global_batch = int(config.batch_size)
+    if self.global_batch <= 0 or self.global_batch % process_count:
+      raise ValueError(f"global batch {self.global_batch} must be positive and divisible by the "
+                       f"{process_count} processes")
+    self.local_batch = self.global_batch // process_count
+    self.steps_per_epoch = self.num_examples // self.global_batch
+    if self.steps_per_epoch == 0:
+      raise ValueError(f"the dataset has {self.num_examples} samples, fewer than one global batch of "
+                       f"{self.global_batch}: lower batch_size (or per_device_batch_size).")
+    self.process_index, self.process_count = process_index, process_count
+    self._num_epochs = max(1, int(config.get("num_epochs", 1)))
+    self._num_workers = int(data.get("num_workers", 0))
+    self._threads = int(data.get("threads_per_worker", 1))
+    self._prefetch = int(data.get("prefetch", 2))
+    self.loader = TrainBatchLoader(
+        self.source, seed=int(config.seed), crops=self.crops,
+        host_augment_cfg=_plain_augment_cfg(config.augment) if where == "host" else None,
+        num_examples=self.num_examples, global_batch=self.global_batch, local_batch=self.local_batch,
+        process_index=process_index, steps_per_epoch=self.steps_per_epoch)
+    self._spare = None  # (grain iterator, its next global batch number) left by a finished epoch
+    self._current: EpochIterator | None = None
+    self._state = dict(epoch=0, step=0)
+
+  def iterate(self, epoch: int, start_step: int | None = None) -> EpochIterator:
+    """The batches of `epoch` from `start_step` (default: the step given to set_state for this epoch, else 0).
+
+    Closes the previous iterator of this Pipeline if it is unfinished (using it afterwards raises).
+    """
+    if epoch < 0:
+      raise ValueError(f"epoch must be >= 0, got {epoch}")
+    if start_step is None:
+      start_step = self._state["step"] if self._state["epoch"] == epoch else 0
+    if self._current is not None:
+      self._current.close()  # one live iterator per Pipeline: an abandoned one must not keep its workers
+    if not 0 <= start_step <= self.steps_per_epoch:
+      raise ValueError(f"start_step {start_step} not in [0, {self.steps_per_epoch}]")
+    first = epoch * self.steps_per_epoch + start_step
+    if self._spare is not None and self._spare[1] == first:
+      it = self._spare[0]
+      self._spare = None
+    else:
+      self._close_spare()
+      stop = max(self._num_epochs, epoch + 1) * self.steps_per_epoch
+      it = _grain_iterator(self.loader, first, stop, self._num_workers, self._threads, self._prefetch)
+    self._current = EpochIterator(self, epoch, start_step, it)
+    return self._current
+
+  def get_state(self) -> dict:
+    """{'epoch', 'step'} of the next batch of the latest iterator (prefetched batches not counted)."""
+    return self._current.get_state() if self._current is not None else dict(self._state)
+
+  def set_state(self, state: dict) -> None:
+    """Where the next `iterate(state['epoch'])` (start_step left out) starts."""
+    self._state = dict(epoch=int(state["epoch"]), step=int(state["step"]))
+    self._current = None
+
+  def _keep_spare(self, it, next_batch: int) -> None:
+    self._close_spare()
+    self._spare = (it, next_batch)
+
+  def _close_spare(self) -> None:
+    if self._spare is not None:
+      self._spare[0].close()
+      self._spare = None
+
+  def close(self) -> None:
+    """Stops the worker processes."""
+    self._close_spare()
+    if self._current is not None:
+      self._current.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+class EvalBatchLoader:
+  """Batch number -> resized, centre-cropped images of this process's contiguous share, padded."""
+
+  def __init__(self, source, start: int, stop: int, batch_size: int, image_size: int):
+    self.source, self.start, self.stop = source, start, stop
+    self.batch_size, self.image_size = batch_size, image_size
+
+  def __call__(self, b: int) -> dict:
+    n, s = self.batch_size, self.image_size
+    out = dict(image=np.zeros((n, s, s, 3), np.uint8), label=np.full((n,), -1, np.int32),
+               index=np.full((n,), -1, np.int32), valid=np.zeros((n,), bool))
+    first = self.start + int(b) * n
+    for row, i in enumerate(range(first, min(first + n, self.stop))):
+      try:
+        example = self.source[i]
+        out["image"][row] = transforms.resize_center_crop(example["image"], s)
+      except Exception as e:  # pylint: disable=broad-except
+        log.warning("skipping undecodable sample %s: %s: %s", self.source.describe(i), type(e).__name__, e)
+        continue
+      out["label"][row], out["index"][row], out["valid"][row] = example["label"], i, True
+    return out
+
+
+def eval_batches(data_cfg, split: str, batch_size: int, image_size: int, process_index: int | None = None,
+                 process_count: int | None = None) -> Iterator[dict]:
+  """Every sample of `split` once, as dict(image=uint8 [b, S, S, 3], label, index (int32), valid (bool)).
+
+  Images: shorter side resized to round(S * 256 / 224), centre crop S (torchvision's evaluation transform).
+  Process p takes the contiguous share [p * ceil(N/P), (p+1) * ceil(N/P)); every process yields the same
+  number of batches, each padded to batch_size with valid=False (and undecodable samples are valid=False,
+  index -1), so a jitted feature extractor sees the same shapes everywhere.
+  """
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  source = sources.make_source(data_cfg, split)
+  share = math.ceil(len(source) / process_count)
+  start = min(process_index * share, len(source))
+  stop = min(start + share, len(source))
+  num_batches = max(1, math.ceil(share / batch_size))
+  loader = EvalBatchLoader(source, start, stop, batch_size, image_size)
+  it = _grain_iterator(loader, 0, num_batches, int(data_cfg.get("num_workers", 0)),
+                       int(data_cfg.get("threads_per_worker", 1)), int(data_cfg.get("prefetch", 2)))
+
+  def generate():
+    try:
+      yield from it
+    finally:
+      it.close()
+
+  return generate()

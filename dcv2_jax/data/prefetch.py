@@ -1,0 +1,89 @@
+"""Moves per-process numpy batches onto the device mesh ahead of the train step, in a background thread.
+
+The host-to-device copy of batch k+1 overlaps step k. `jax.make_array_from_process_local_data` (through
+`sharding.local_batch_to_global`) assembles each process's rows into one global array sharded on `data`.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Iterator
+
+_END = object()
+
+
+class _Raised:
+  def __init__(self, error: BaseException):
+    self.error = error
+
+
+class DevicePrefetcher:
+  """Iterator of global batches. `get_state()` is the wrapped iterator's state after the last batch this
+  object yielded, so a checkpoint never counts batches that were prefetched but not trained on."""
+
+  def __init__(self, iterator: Iterator, mesh, size: int = 2):
+    from dcv2_jax import sharding  # pylint: disable=g-import-not-at-top
+
+    self._source = iterator
+    self._queue: queue.Queue = queue.Queue(maxsize=max(1, size))
+    self._stop = threading.Event()
+    self._state = iterator.get_state() if hasattr(iterator, "get_state") else None
+    self._done = False
+
+    def produce():
+      try:
+        for batch in iterator:
+          item = (sharding.local_batch_to_global(batch, mesh),
+                  iterator.get_state() if hasattr(iterator, "get_state") else None)
+          while not self._stop.is_set():
+            try:
+              self._queue.put(item, timeout=0.1)
+              break
+            except queue.Full:
+              continue
+          if self._stop.is_set():
+            return
+        self._put_final(_END)
+      except BaseException as e:  # pylint: disable=broad-except  (re-raised in the consumer)
+        self._put_final(_Raised(e))
+
+    self._thread = threading.Thread(target=produce, name="device_prefetch", daemon=True)
+    self._thread.start()
+
+  def _put_final(self, item):
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return
+      except queue.Full:
+        continue
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._done:
+      raise StopIteration
+    item = self._queue.get()
+    if item is _END:
+      self._done = True
+      raise StopIteration
+    if isinstance(item, _Raised):
+      self._done = True
+      raise item.error
+    batch, self._state = item
+    return batch
+
+  def get_state(self):
+    return self._state
+
+  def close(self):
+    """Stops the thread (the wrapped iterator is left to its owner to close)."""
+    self._stop.set()
+    self._thread.join(timeout=10)
+    self._done = True
+
+
+def device_prefetch(iterator: Iterator, mesh, size: int = 2) -> DevicePrefetcher:
+  """Global jax arrays (batch axis sharded over `mesh`'s data axis) from per-process numpy batches."""
+  return DevicePrefetcher(iterator, mesh, size)

@@ -1,0 +1,83 @@
+"""Per-sample CPU work: multi-crop RandomResizedCrop for training, resize + centre crop for evaluation.
+
+Everything random here draws from `sample_rng(seed, epoch, index)`, so a sample's crops depend on nothing
+but (seed, epoch, dataset index): not on worker count, process count or batch position.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+  return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, index])))
+
+
+def random_resized_crop_box(rng: np.random.Generator, height: int, width: int, scale: Sequence[float],
+                            ratio: Sequence[float] = RATIO) -> tuple[int, int, int, int]:
+  """(top, left, h, w) as torchvision's RandomResizedCrop.get_params draws it.
+
+  Area fraction U(scale), aspect ratio log-uniform in `ratio`, 10 tries; then a centre crop of the whole
+  image clamped to the ratio range.
+  """
+  area = height * width
+  log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+  for _ in range(10):
+    target_area = area * rng.uniform(scale[0], scale[1])
+    aspect = math.exp(rng.uniform(log_lo, log_hi))
+    w = int(round(math.sqrt(target_area * aspect)))
+    h = int(round(math.sqrt(target_area / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      top = int(rng.integers(0, height - h + 1))
+      left = int(rng.integers(0, width - w + 1))
+      return top, left, h, w
+  in_ratio = width / height
+  if in_ratio < min(ratio):
+    w = width
+    h = int(round(w / min(ratio)))
+  elif in_ratio > max(ratio):
+    h = height
+    w = int(round(h * max(ratio)))
+  else:
+    w, h = width, height
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+def resized_crop(img: Image.Image, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+  """Bilinear resize of the box to size x size. PIL's box argument crops and resizes in one pass (the
+  filter may read a pixel beyond the box edge, where torchvision's crop-then-resize clamps)."""
+  top, left, h, w = box
+  return np.asarray(img.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h)))
+
+
+def multi_crop(image: np.ndarray, rng: np.random.Generator, crops: Sequence[Sequence[float]]) -> list:
+  """One uint8 array [count, size, size, 3] per crop group (size, count, min_scale, max_scale)."""
+  img = Image.fromarray(image)
+  height, width = image.shape[:2]
+  out = []
+  for size, count, lo, hi in crops:
+    out.append(np.stack([resized_crop(img, random_resized_crop_box(rng, height, width, (lo, hi)), int(size))
+                         for _ in range(int(count))]))
+  return out
+
+
+def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
+  """torchvision Resize(round(size * 256 / 224)) + CenterCrop(size), bilinear: the evaluation transform."""
+  short = int(round(size * 256 / 224))
+  height, width = image.shape[:2]
+  # torchvision: the short side becomes `short`, the long side int(short * long / short_in).
+  if width <= height:
+    new_w, new_h = short, int(short * height / width)
+  else:
+    new_w, new_h = int(short * width / height), short
+  img = Image.fromarray(image)
+  if (new_w, new_h) != (width, height):
+    img = img.resize((new_w, new_h), Image.BILINEAR)
+  top = int(round((new_h - size) / 2.0))
+  left = int(round((new_w - size) / 2.0))
+  return np.asarray(img.crop((left, top, left + size, top + size)))
