@@ -6,6 +6,8 @@ Multi-host: start one process per host under SLURM / Open MPI / Kubernetes (dete
 --coordinator_address=HOST:PORT --num_processes=N --process_id=I (see README).
 """
 import logging as std_logging
+import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -34,5 +36,26 @@ def main(argv):
   trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
+def check_config_overrides(argv) -> None:
+  """Unknown --config.KEY overrides: exit with the list of valid keys (before ml_collections' traceback)."""
+  import importlib.util
+  from dcv2_jax.config import unknown_keys_message
+  paths = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+  keys = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+  if not paths or not keys:
+    return
+  path, _, arg = paths[-1].partition(":")
+  spec = importlib.util.spec_from_file_location("_dcv2_config", path)
+  if spec is None:
+    return   # let config_flags report the bad path
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  message = unknown_keys_message(module.get_config(*([arg] if arg else [])), keys)
+  if message:
+    sys.exit(f"error: {message}")
+
+
 if __name__ == "__main__":
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # configs/ import each other
+  check_config_overrides(sys.argv[1:])
   app.run(main)

@@ -74,8 +74,9 @@ def restore_model_variables(path: str):
   Restores on the first local device as plain nested dicts, so it works on any machine (no mesh needed).
   """
   directory, step = _manager_dir_and_step(path)
-  manager = ocp.CheckpointManager(directory, item_names=("state", "meta"),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                                  item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                                 "meta": ocp.JsonCheckpointHandler()})
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"{directory}: no complete checkpoint found")
@@ -83,8 +84,9 @@ def restore_model_variables(path: str):
   item_meta = manager.item_metadata(step)["state"]
   device = jax.local_devices()[0]
   single = jax.sharding.SingleDeviceSharding(device)
-  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=single), item_meta.tree
-                          if hasattr(item_meta, "tree") else item_meta)
+  # Target = the saved shapes on one local device: restores whatever mesh (or process count) saved it.
+  tree = item_meta.tree if hasattr(item_meta, "tree") else item_meta
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=single), tree)
   state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
   manager.close()
   to_np = lambda t: jax.tree.map(np.asarray, t)

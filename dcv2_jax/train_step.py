@@ -171,6 +171,7 @@ def train_step(spec: StepSpec, state: TrainState, batch):
   bank = memory_bank.write(state.bank, slot, z_mb, index)
 
   metrics = {"loss": loss, "lr": spec.schedule(state.step), "grads_finite": finite,
+             "params_finite": precision.all_finite(params),
              "skipped": jnp.sum(index < 0), "loss_scale": loss_scale.scale}
   metrics.update({f"target_acc_h{h}": acc[h] for h in range(acc.shape[0])})
   new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,

@@ -191,6 +191,9 @@ def _check(pending, config):
   """Fetches a step's loss; a non-finite loss stops the run (its checkpoint is never written)."""
   step, metrics = pending
   loss = float(to_python(metrics["loss"]))
+  if not bool(to_python(metrics["params_finite"])):
+    raise NonFiniteLoss(f"the weights became non-finite at step {step + 1} (loss {loss}); the run stops here "
+                        "and the last checkpoint (written before this step) is kept. Lower the LR.")
   if not np.isfinite(loss):
     fp16_skip = config.model.dtype == "float16" and not bool(to_python(metrics["grads_finite"]))
     if not fp16_skip or float(to_python(metrics["loss_scale"])) <= 1.0:

@@ -76,6 +76,10 @@ class ImageFolderSource:
   def __len__(self) -> int:
     return len(self._files)
 
+  def labels(self) -> np.ndarray:
+    """Label of every sample by dataset index (for cluster metrics against labels)."""
+    return self._labels
+
   def path(self, i: int) -> str:
     return os.path.join(self.root, self._files[i].decode())
 
@@ -131,6 +135,10 @@ class TfdsSource:
   def __len__(self) -> int:
     return len(self._ds)
 
+  def labels(self) -> None:
+    # Reading every label means reading every record (the whole dataset): not worth it per epoch.
+    return None
+
   def describe(self, i: int) -> str:
     return f"tfds {self.name}/{self.split}[{i}]"
 
@@ -165,6 +173,9 @@ class DigitsSource:
 
   def __len__(self) -> int:
     return len(self._labels)
+
+  def labels(self) -> np.ndarray:
+    return self._labels
 
   def describe(self, i: int) -> str:
     return f"digits[{i}]"

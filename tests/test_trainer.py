@@ -1,0 +1,176 @@
+"""The trainer end to end on the digits demo data: outputs, resume after SIGKILL, resume on fewer devices,
+two processes == one process, and the messages for bad settings."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import portpicker
+import pytest
+
+from configs import digits
+from dcv2_jax import config as config_lib
+from dcv2_jax.checkpoint import restore_model_variables
+from dcv2_jax.trainer import NonFiniteLoss, train_and_evaluate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A small, fast variant of the demo: 16px digits, one crop size, narrow ResNet-18, 22 steps an epoch.
+OVERRIDES = {"data.image_size_digits": 16, "data.crops": ((16, 2, 0.4, 1.0),), "model.base_width": 8,
+             "model.head_dims": (32, 16), "loss.num_clusters": (10, 10, 10), "num_epochs": 2,
+             "checkpoint_every_steps": 5, "log_every_steps": 5, "eval_at_end": False, "keep_checkpoints": 20}
+
+
+def small_config(**extra):
+  c = digits.get_config()
+  for key, value in {**OVERRIDES, **extra}.items():
+    node = c
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return c
+
+
+def cli_args(workdir, **extra):
+  args = [sys.executable, os.path.join(REPO, "train.py"), f"--config={REPO}/configs/digits.py", f"--workdir={workdir}"]
+  for key, value in {**OVERRIDES, **extra}.items():
+    args.append(f"--config.{key}={value}")
+  return args
+
+
+def env(devices):
+  e = dict(os.environ)
+  e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  e["JAX_PLATFORMS"] = "cpu"
+  e["PYTHONPATH"] = REPO
+  return e
+
+
+def final_params(workdir):
+  _, variables, centroids, step = restore_model_variables(workdir)
+  return jax.tree.leaves(variables), centroids, step
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  """2 epochs on 8 devices, uninterrupted, in this process."""
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  train_and_evaluate(small_config(), workdir)
+  return workdir
+
+
+def test_outputs_of_a_run(reference_run):
+  records = [json.loads(line) for line in open(os.path.join(reference_run, "metrics.jsonl"))]
+  steps = [r for r in records if "loss" in r]
+  assert steps and all(k in steps[0] for k in ("step", "epoch", "loss", "lr", "img_per_s"))
+  assert all(np.isfinite(r["loss"]) for r in steps)
+  epochs = [r for r in records if "kmeans_s" in r]
+  assert [r["epoch"] for r in epochs] == [0, 1]
+  health = epochs[1]["clusters"]
+  assert len(health["empty_clusters"]) == 3 and "nmi_prev" in health and "nmi_labels" in health
+  table = np.load(os.path.join(reference_run, "assignments", "epoch_0001.npz"))["assignments"]
+  assert table.shape == (3, 1438) and (table >= 0).sum(axis=1).tolist() == [22 * 64] * 3
+  _, _, step = final_params(reference_run)
+  assert step == 44
+  assert os.path.exists(os.path.join(reference_run, "tensorboard"))
+  assert json.load(open(os.path.join(reference_run, "config.json")))["model"]["base_width"] == 8
+
+
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(reference_run, tmp_path):
+  workdir = str(tmp_path / "killed")
+  proc = subprocess.Popen(cli_args(workdir), env=env(8), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  target = os.path.join(workdir, "checkpoints", "30")        # mid-epoch 1 (steps 22..43)
+  deadline = time.time() + 300
+  while not os.path.isdir(target) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert os.path.isdir(target), "the run ended before its step-30 checkpoint"
+  assert not os.path.isdir(os.path.join(workdir, "checkpoints", "44"))
+  done = subprocess.run(cli_args(workdir), env=env(8), capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "resumed from step" in done.stderr
+  got, got_c, step = final_params(workdir)
+  ref, ref_c, _ = final_params(reference_run)
+  assert step == 44
+  for a, b in zip(got, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(got_c, ref_c, rtol=1e-6, atol=1e-7)
+
+
+def test_resume_on_four_devices(reference_run, tmp_path):
+  """The 8-device checkpoint of epoch 2 continues on 4 devices (bank re-sharded) like it does on 8."""
+  runs = {}
+  for n in (8, 4):
+    workdir = str(tmp_path / f"on{n}")
+    shutil.copytree(reference_run, workdir)
+    train_and_evaluate(small_config(num_epochs=3), workdir, devices=jax.devices()[:n])
+    runs[n] = final_params(workdir)
+  assert runs[4][2] == runs[8][2] == 66
+  for a, b in zip(runs[4][0], runs[8][0]):
+    np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-4)
+
+
+def test_two_processes_equal_one_process(tmp_path):
+  one = str(tmp_path / "one")
+  r = subprocess.run(cli_args(one, num_epochs=1), env=env(4), capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  two = str(tmp_path / "two")
+  port = portpicker.pick_unused_port()
+  procs = [subprocess.Popen(cli_args(two, num_epochs=1) + ["--coordinator_address=127.0.0.1:%d" % port,
+                                                          "--num_processes=2", f"--process_id={i}"],
+                            env=env(2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  errs = [p.communicate(timeout=600)[1] for p in procs]
+  assert all(p.returncode == 0 for p in procs), errs[0][-3000:] + errs[1][-3000:]
+  assert "2 process(es), 4 device(s)" in errs[0]
+  a, ac, sa = final_params(one)
+  b, bc, sb = final_params(two)
+  assert sa == sb == 22
+  for x, y in zip(a, b):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(ac, bc, rtol=1e-4, atol=1e-5)
+
+
+def test_impossible_settings_fail_before_compiling():
+  c = small_config()
+  c.batch_size = 60
+  c.loss.crops_for_mb = (0, 5)
+  c.loss.num_clusters = (5000, 5000, 5000)
+  c.model.head_input_dim = 100
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(c, 1438, 1438 // 60, num_devices=8, num_processes=1)
+  msg = str(e.value)
+  for part in ("not divisible by the 8 devices", "crops_for_mb=(0, 5)", "more clusters than memory-bank rows",
+               "head_input_dim=100"):
+    assert part in msg
+
+
+def test_trainer_rejects_bad_config_before_compiling(tmp_path, monkeypatch):
+  from dcv2_jax import train_step
+  monkeypatch.setattr(train_step, "compile_for_mesh", lambda *a: pytest.fail("compiled a bad config"))
+  with pytest.raises(config_lib.ConfigError, match="more clusters"):
+    train_and_evaluate(small_config(**{"loss.num_clusters": (2000, 2000, 2000)}), str(tmp_path))
+
+
+def test_unknown_config_key_lists_valid_keys(tmp_path):
+  r = subprocess.run(cli_args(str(tmp_path)) + ["--config.loss.temprature=0.2"], env=env(1), capture_output=True,
+                     text=True, timeout=120)
+  assert r.returncode != 0
+  assert "unknown config key --config.loss.temprature" in r.stderr and "loss.temperature" in r.stderr
+  assert "valid keys:" in r.stderr and "model.sync_bn.group_size" in r.stderr
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  c = small_config(**{"optim.lr": 1e30, "optim.warmup_start_lr": 1e30, "checkpoint_every_steps": 1})
+  with pytest.raises(NonFiniteLoss, match=r"at step \d+"):
+    train_and_evaluate(c, str(tmp_path))
+  steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+  for s in steps:    # every checkpoint that was written holds finite weights
+    leaves, _, _ = final_params(str(tmp_path / "checkpoints" / str(s)))
+    assert all(np.all(np.isfinite(x)) for x in leaves)
