@@ -44,9 +44,13 @@ def _chunked_view(x, shards: int, chunk: int, fill):
 
 
 def _assign_pass(chunks, valid_chunks, centroids, precision, with_sums: bool):
-  """One pass over the bank: assignments [M, P, c], best scores, and (optionally) per-cluster sums/counts."""
+  """One pass over the bank: assignments [M, P, c], best scores, and (optionally) per-cluster sums/counts.
+
+  The matmuls take the bank's dtype (float32, or bfloat16 for speed) and accumulate in float32.
+  """
   k, d = centroids.shape
   shards = chunks.shape[1]
+  centroids = centroids.astype(chunks.dtype)
 
   def body(carry, xs):
     x, v = xs                                                   # [P,c,D], [P,c]
@@ -57,11 +61,11 @@ def _assign_pass(chunks, valid_chunks, centroids, precision, with_sums: bool):
     a = jnp.where(v, a, IGNORE)
     if with_sums:
       sums, counts = carry
-      onehot = jax.nn.one_hot(a, k, dtype=jnp.float32)          # IGNORE rows -> all zeros
+      onehot = jax.nn.one_hot(a, k, dtype=x.dtype)              # IGNORE rows -> all zeros; exact in bf16
       # Per-shard accumulators: the sum over shards (a cross-device all-reduce) waits until after the scan.
       sums = sums + jnp.einsum("pck,pcd->pkd", onehot, x, precision=precision,
                                preferred_element_type=jnp.float32)
-      counts = counts + onehot.sum(axis=1)
+      counts = counts + onehot.sum(axis=1, dtype=jnp.float32)
       carry = (sums, counts)
     return carry, (a, best)
 
@@ -81,14 +85,15 @@ def _reseed_empty(centroids, counts, chunks, best):
   _, far = jax.lax.top_k(-flat_best, min(k, flat_best.shape[0]))
   empty = counts == 0
   rank = jnp.clip(jnp.cumsum(empty) - 1, 0, far.shape[0] - 1)
-  cand = flat_rows[far[rank]]
+  cand = flat_rows[far[rank]].astype(jnp.float32)
   cand = cand / jnp.maximum(jnp.linalg.norm(cand, axis=-1, keepdims=True), 1e-12)
   return jnp.where(empty[:, None], cand, centroids)
 
 
-@functools.partial(jax.jit, static_argnames=("num_iters", "chunk_size", "shards", "empty_clusters", "precision"))
+@functools.partial(jax.jit, static_argnames=("num_iters", "chunk_size", "shards", "empty_clusters", "precision",
+                                             "compute_dtype"))
 def lloyd(bank, centroids, num_iters: int, valid=None, *, chunk_size: int = 65536, shards: int | None = None,
-          empty_clusters: str = "keep", precision=None):
+          empty_clusters: str = "keep", precision=None, compute_dtype: str = "float32"):
   """Spherical k-means: `num_iters` update steps and `num_iters + 1` assignment steps.
 
   bank [N, D] unit rows; centroids [K, D] initial. An update sets each centroid to the L2-normalised
@@ -101,7 +106,7 @@ def lloyd(bank, centroids, num_iters: int, valid=None, *, chunk_size: int = 6553
   n = bank.shape[0]
   shards = _default_shards(n) if shards is None else shards
   valid = jnp.ones((n,), bool) if valid is None else valid.astype(bool)
-  chunks, local = _chunked_view(bank.astype(jnp.float32), shards, chunk_size, 0.0)
+  chunks, local = _chunked_view(bank.astype(jnp.dtype(compute_dtype)), shards, chunk_size, 0.0)
   valid_chunks, _ = _chunked_view(valid, shards, chunk_size, False)
   centroids = centroids.astype(jnp.float32)
 

@@ -62,7 +62,7 @@ def assignment_table(assignments, index, num_examples: int):
 
 def cluster(key, bank: MemoryBank, num_clusters, num_iters: int, num_examples: int, *,
             crops_for_mb_count: int, chunk_size: int = 65536, empty_clusters: str = "keep", shards=None,
-            precision=None):
+            precision=None, compute_dtype: str = "float32"):
   """k-means for every head (head h clusters bank h % banks), one after the other as the reference.
 
   Returns (centroids [H, K, D], table [H, num_examples], cluster sizes [H, K]).
@@ -74,7 +74,7 @@ def cluster(key, bank: MemoryBank, num_clusters, num_iters: int, num_examples: i
     data = z[h % crops_for_mb_count]
     init = kmeans.init_centroids(jax.random.fold_in(key, h), data, k, valid)
     c, a = kmeans.lloyd(data, init, num_iters, valid, chunk_size=chunk_size, shards=shards,
-                        empty_clusters=empty_clusters, precision=precision)
+                        empty_clusters=empty_clusters, precision=precision, compute_dtype=compute_dtype)
     centroids.append(c)
     assigns.append(a)
     # -100 -> index k, out of range, dropped (a negative index would wrap around instead).

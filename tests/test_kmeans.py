@@ -133,3 +133,14 @@ def test_cluster_all_heads():
   t = np.asarray(table)
   assert np.all(t[:, 64:] == -100) and np.all((t[:, :64] >= 0) & (t[:, :64] < 5))
   np.testing.assert_array_equal(np.asarray(sizes), np.stack([np.bincount(t[h, :64], minlength=5) for h in range(3)]))
+
+
+def test_bfloat16_kmeans_close_to_float32():
+  rng = np.random.default_rng(6)
+  bank = blobs(rng, 512, 16, 8)
+  init = bank[:8]
+  c32, a32 = kmeans.lloyd(jnp.asarray(bank), jnp.asarray(init), 5)
+  c16, a16 = kmeans.lloyd(jnp.asarray(bank), jnp.asarray(init), 5, compute_dtype="bfloat16")
+  assert c16.dtype == jnp.float32
+  assert (np.asarray(a32) == np.asarray(a16)).mean() > 0.97      # only near-ties may flip
+  np.testing.assert_allclose(np.asarray(c16), np.asarray(c32), atol=0.05)

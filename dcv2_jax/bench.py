@@ -1,0 +1,208 @@
+"""Benchmarks that print one JSON line per result.
+
+  python -m dcv2_jax.bench step        # full DCv2 train step, RN50 bf16, 2x224 | 2x160+4x96 | 2x224+6x96,
+                                       # next to a plain supervised RN50 step measured in the same run
+  python -m dcv2_jax.bench kmeans      # all heads at ImageNet scale (1,281,167 x 128, 3 x 3000, 10 iters)
+  python -m dcv2_jax.bench pipeline    # input pipeline samples/s per CPU core (dcv2_jax.data.benchmark)
+  python -m dcv2_jax.bench step --quick   # tiny sizes (CPU smoke test)
+
+Everything runs on synthetic data already on the device (uint8 crops for the DCv2 step), so the figures
+are the accelerator's; the pipeline benchmark gives the CPU side. Step figures: step_ms, img_per_s (crops
+of any size), img224_per_s (crops weighted by (size/224)^2), samples_per_s, compile_s, peak_mem_gb.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+CROPS = {"2x224": ((224, 2, 0.08, 1.0),), "2x160+4x96": ((160, 2, 0.08, 1.0), (96, 4, 0.05, 0.14)),
+         "2x224+6x96": ((224, 2, 0.14, 1.0), (96, 6, 0.05, 0.14))}
+
+
+def _device_info() -> dict:
+  d = jax.devices()[0]
+  return {"device": getattr(d, "device_kind", d.platform), "num_devices": jax.device_count(),
+          "jax": jax.__version__}
+
+
+def _peak_gb():
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return None if peak is None else round(peak / 2 ** 30, 2)
+
+
+def _time(fn, state, args, steps: int, warmup: int):
+  """(compile seconds, ms per step): compile + warm-up first, then `steps` timed calls back to back."""
+  t0 = time.perf_counter()
+  state, out = fn(state, *args)
+  jax.block_until_ready(out)
+  compile_s = time.perf_counter() - t0
+  for _ in range(warmup):
+    state, out = fn(state, *args)
+  jax.block_until_ready((state, out))
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    state, out = fn(state, *args)
+  jax.block_until_ready((state, out))
+  return compile_s, (time.perf_counter() - t0) / steps * 1e3
+
+
+def bench_dcv2_step(crops, batch: int, depth: int, base_width: int, dtype: str, steps: int, warmup: int,
+                    num_clusters: int, bank_steps: int) -> dict:
+  from dcv2_jax import train_step as ts
+  from dcv2_jax.config import base_config
+  from dcv2_jax.sharding import local_batch_to_global, make_mesh
+  c = base_config()
+  c.batch_size, c.num_epochs = batch, 10
+  c.data.crops = crops
+  c.model.depth, c.model.base_width, c.model.dtype = depth, base_width, dtype
+  c.model.head_dims = (max(8 * base_width, 16) * 4, 128) if base_width < 64 else (2048, 128)
+  c.loss.num_clusters = (num_clusters,) * 3
+  mesh = make_mesh()
+  spec = ts.make_spec(c, num_examples=bank_steps * batch, steps_per_epoch=bank_steps)
+  comp = ts.compile_for_mesh(spec, mesh)
+  state = comp.init(jax.random.key(0))
+  rng = np.random.default_rng(0)
+  cents = rng.normal(size=state.centroids.shape).astype(np.float32)
+  cents /= np.linalg.norm(cents, axis=-1, keepdims=True)
+  state = state.replace(centroids=jax.device_put(cents, state.centroids.sharding),
+                        table=jax.device_put(rng.integers(0, num_clusters, state.table.shape, dtype=np.int32),
+                                             state.table.sharding))
+  local = jax.process_count() and batch // jax.process_count()
+  data = {"crops": [rng.integers(0, 256, (local, int(n), int(s), int(s), 3), dtype=np.uint8) for s, n, *_ in crops],
+          "index": np.arange(local, dtype=np.int32), "label": np.zeros(local, np.int32)}
+  gbatch = local_batch_to_global(data, mesh)
+  compile_s, ms = _time(comp.train_step, state, (gbatch,), steps, warmup)
+  n_img = sum(int(n) for _, n, *_ in crops) * batch
+  n_224 = sum(int(n) * (int(s) / 224) ** 2 for s, n, *_ in crops) * batch
+  return {"step_ms": round(ms, 2), "img_per_s": round(n_img / ms * 1e3, 1),
+          "img224_per_s": round(n_224 / ms * 1e3, 1), "samples_per_s": round(batch / ms * 1e3, 1),
+          "compile_s": round(compile_s, 1), "peak_mem_gb": _peak_gb()}
+
+
+def bench_supervised_step(batch: int, size: int, depth: int, base_width: int, dtype: str, steps: int,
+                          warmup: int) -> dict:
+  """The baseline: plain supervised ResNet (same trunk code), Linear 1000, cross-entropy, SGD momentum."""
+  import flax.linen as nn
+  from dcv2_jax.models import DTYPES, ResNet
+  from dcv2_jax.sharding import batch_sharded, make_mesh, replicated
+
+  class Classifier(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+      f = ResNet(depth, 1, base_width, DTYPES[dtype])(x, train)
+      return nn.Dense(1000, dtype=DTYPES[dtype])(f).astype(jnp.float32)
+
+  model, tx = Classifier(), optax.sgd(0.1, momentum=0.9)
+  mesh = make_mesh()
+  x = jax.device_put(jax.random.normal(jax.random.key(1), (batch, size, size, 3)), batch_sharded(mesh))
+  y = jax.device_put(jnp.arange(batch) % 1000, batch_sharded(mesh))
+  variables = jax.jit(lambda k: model.init(k, x[:2], train=False), out_shardings=replicated(mesh))(jax.random.key(0))
+  state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
+
+  def step(state, x, y):
+    params, bs, opt = state
+
+    def loss_fn(p):
+      logits, upd = model.apply({"params": p, "batch_stats": bs}, x, train=True, mutable=["batch_stats"])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd["batch_stats"]
+
+    (loss, bs), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    u, opt = tx.update(g, opt, params)
+    return (optax.apply_updates(params, u), bs, opt), loss
+
+  fn = jax.jit(step, donate_argnums=0)
+  compile_s, ms = _time(fn, state, (x, y), steps, warmup)
+  return {"step_ms": round(ms, 2), "img_per_s": round(batch / ms * 1e3, 1),
+          "img224_per_s": round(batch * (size / 224) ** 2 / ms * 1e3, 1), "compile_s": round(compile_s, 1),
+          "peak_mem_gb": _peak_gb()}
+
+
+def bench_kmeans(n: int, dim: int, heads: int, k: int, iters: int, chunk: int, dtype: str, batch: int) -> dict:
+  """All heads as the trainer runs them (memory_bank.cluster on a sharded bank of ~n rows)."""
+  from dcv2_jax import memory_bank
+  from dcv2_jax.sharding import make_mesh
+  mesh = make_mesh()
+  steps = max(1, n // batch)
+  shardings = memory_bank.bank_shardings(mesh)
+  make = jax.jit(lambda key: memory_bank.MemoryBank(
+      z=_unit(jax.random.normal(key, (2, steps, batch, dim))), index=jnp.arange(steps * batch, dtype=jnp.int32)
+      .reshape(steps, batch)), out_shardings=shardings)
+  bank = make(jax.random.key(0))
+  shards = mesh.devices.size if batch % mesh.devices.size == 0 else 1
+  run = jax.jit(lambda b, key: memory_bank.cluster(key, b, (k,) * heads, iters, steps * batch, crops_for_mb_count=2,
+                                                  chunk_size=chunk, shards=shards, compute_dtype=dtype)[:2])
+  t0 = time.perf_counter()
+  jax.block_until_ready(run(bank, jax.random.key(1)))
+  compile_s = time.perf_counter() - t0
+  times = []
+  for i in range(3):
+    t0 = time.perf_counter()
+    jax.block_until_ready(run(bank, jax.random.key(2 + i)))
+    times.append(time.perf_counter() - t0)
+  return {"rows": steps * batch, "dim": dim, "heads": heads, "clusters": k, "iters": iters, "chunk": chunk,
+          "dtype": dtype, "seconds": round(min(times), 4), "compile_s": round(compile_s, 1),
+          "peak_mem_gb": _peak_gb()}
+
+
+def _unit(x):
+  return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _emit(record: dict) -> dict:
+  print(json.dumps({**record, **_device_info()}), flush=True)
+  return record
+
+
+def main(argv=None) -> list[dict]:
+  ap = argparse.ArgumentParser(prog="python -m dcv2_jax.bench", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("what", choices=("step", "kmeans", "pipeline"))
+  ap.add_argument("--quick", action="store_true", help="tiny sizes: a CPU smoke run")
+  ap.add_argument("--crops", default=",".join(CROPS), help=f"step: comma-separated of {', '.join(CROPS)}")
+  ap.add_argument("--batch", type=int, default=128, help="step: samples per step (DCv2)")
+  ap.add_argument("--baseline_batch", type=int, default=256, help="step: images per supervised step")
+  ap.add_argument("--dtype", default="bfloat16")
+  ap.add_argument("--steps", type=int, default=20)
+  ap.add_argument("--warmup", type=int, default=5)
+  ap.add_argument("--kmeans_rows", type=int, default=1_281_167)
+  ap.add_argument("--kmeans_dtypes", default="float32,bfloat16")
+  ap.add_argument("--chunk", type=int, default=65536)
+  args, rest = ap.parse_known_args(argv)
+  results = []
+  if args.what == "pipeline":
+    from dcv2_jax.data import benchmark
+    return benchmark.main((["--quick"] if args.quick else []) + rest)
+  if rest:
+    ap.error(f"unknown arguments {rest}")
+  if args.what == "step":
+    depth, width, scale = (18, 8, 1 / 7) if args.quick else (50, 64, 1.0)
+    batch, base_batch = (8, 8) if args.quick else (args.batch, args.baseline_batch)
+    steps, warmup = (2, 1) if args.quick else (args.steps, args.warmup)
+    size = lambda s: max(16, int(round(s * scale / 8)) * 8)
+    base = bench_supervised_step(base_batch, size(224), depth, width, args.dtype, steps, warmup)
+    results.append(_emit({"bench": "supervised_step", "batch": base_batch, "size": size(224), "depth": depth,
+                          "dtype": args.dtype, **base}))
+    for name in [c for c in args.crops.split(",") if c]:
+      crops = tuple((size(s), n, lo, hi) for s, n, lo, hi in CROPS[name])
+      r = bench_dcv2_step(crops, batch, depth, width, args.dtype, steps, warmup,
+                          num_clusters=30 if args.quick else 3000, bank_steps=4 if args.quick else 100)
+      r["vs_supervised_img224"] = round(r["img224_per_s"] / base["img224_per_s"], 3)
+      results.append(_emit({"bench": "dcv2_step", "crops": name, "batch": batch, "depth": depth,
+                            "dtype": args.dtype, **r}))
+  else:
+    rows, k, batch = (4096, 32, 256) if args.quick else (args.kmeans_rows, 3000, 4096)
+    for dtype in args.kmeans_dtypes.split(","):
+      results.append(_emit({"bench": "kmeans", **bench_kmeans(rows, 128, 3, k, 10, min(args.chunk, rows), dtype,
+                                                              batch)}))
+  return results
+
+
+if __name__ == "__main__":
+  main()
