@@ -161,6 +161,9 @@ def validate(config, num_examples: int, steps_per_epoch: int, num_devices: int, 
     problems.append(f"loss.kmeans_dtype={l.kmeans_dtype!r}: choose float32 or bfloat16")
   if l.empty_clusters not in ("keep", "reseed"):
     problems.append(f"loss.empty_clusters={l.empty_clusters!r}: choose keep or reseed")
+  for key in ("log_every_steps", "checkpoint_every_steps"):
+    if config[key] <= 0:
+      problems.append(f"{key}={config[key]} must be > 0")
   if config.num_epochs <= 0:
     problems.append(f"num_epochs={config.num_epochs} must be > 0")
   if problems:

@@ -72,8 +72,9 @@ def cluster(key, bank: MemoryBank, num_clusters, num_iters: int, num_examples: i
   centroids, assigns, sizes = [], [], []
   for h, k in enumerate(num_clusters):
     data = z[h % crops_for_mb_count]
-    init = kmeans.init_centroids(jax.random.fold_in(key, h), data, k, valid)
-    c, a = kmeans.lloyd(data, init, num_iters, valid, chunk_size=chunk_size, shards=shards,
+    ok = valid & jnp.all(jnp.isfinite(data), axis=-1)     # defensive: a NaN row would poison every centroid
+    init = kmeans.init_centroids(jax.random.fold_in(key, h), data, k, ok)
+    c, a = kmeans.lloyd(data, init, num_iters, ok, chunk_size=chunk_size, shards=shards,
                         empty_clusters=empty_clusters, precision=precision, compute_dtype=compute_dtype)
     centroids.append(c)
     assigns.append(a)

@@ -162,19 +162,24 @@ def train_step(spec: StepSpec, state: TrainState, batch):
 
   finite = precision.all_finite(grads)
   loss_scale = state.loss_scale
-  if spec.fp16:   # skip the whole update (BN statistics included) on overflow
+  if spec.fp16:   # skip the whole update (BN statistics included) on overflow ...
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    params, opt_state, batch_stats = (keep(params, state.params), keep(opt_state, state.opt_state),
+    # ... but the optimizer's integer step counters advance, so the LR stays schedule(step).
+    keep_floats = lambda new, old: jax.tree.map(
+        lambda a, b: a if jnp.issubdtype(a.dtype, jnp.integer) else jnp.where(finite, a, b), new, old)
+    params, opt_state, batch_stats = (keep(params, state.params), keep_floats(opt_state, state.opt_state),
                                       keep(batch_stats, state.batch_stats))
     loss_scale = precision.adjust(loss_scale, finite, spec.loss_scale_period)
 
   # The bank gets this step's z of crops_for_mb, computed with the pre-update weights (as the reference).
+  # A row with a non-finite z (fp16 overflow) is stored as empty: one NaN row would wreck k-means.
   z_mb = jnp.swapaxes(z[:, jnp.asarray(spec.crops_for_mb)], 0, 1)            # [banks, B, D]
-  bank = memory_bank.write(state.bank, slot, z_mb, index)
+  rows_finite = jnp.all(jnp.isfinite(z_mb), axis=(0, 2))
+  bank = memory_bank.write(state.bank, slot, z_mb, jnp.where(rows_finite, index, -1))
 
   metrics = {"loss": loss, "lr": spec.schedule(state.step), "grads_finite": finite,
              "params_finite": precision.all_finite(params),
-             "skipped": jnp.sum(index < 0), "loss_scale": loss_scale.scale}
+             "skipped": jnp.sum(index < 0), "loss_scale": state.loss_scale.scale}   # the scale this step used
   metrics.update({f"target_acc_h{h}": acc[h] for h in range(acc.shape[0])})
   new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
                       loss_scale=loss_scale, bank=bank)

@@ -95,7 +95,6 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
   root = jax.random.key(config.seed)
   shape = jax.eval_shape(lambda k: ts.init_state(spec, k), root)
   restored = ckpts.restore(checkpoint.abstract_like(shape, compiled.state_sharding))
-  random_init = None
   if restored is not None:
     state, meta = restored
     if (meta["num_examples"], meta["global_batch"]) != (n_examples, config.batch_size):
@@ -105,8 +104,6 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     logging.info("resumed from step %d (epoch %d)", int(meta["step"]), int(meta["step"]) // spe)
   else:
     state = compiled.init(jax.random.fold_in(root, 0))
-    if config.eval_at_end and config.eval_random_init:
-      random_init = jax.device_get(_trunk_variables(state))
     # -------------------------------------------------------------- memory-bank initial pass
     t0 = time.time()
     batches = data.device_prefetch(pipeline.iterate(config.num_epochs), mesh)   # an epoch never trained
@@ -116,19 +113,51 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     logging.info("memory bank filled: %d rows in %.1fs", spe * config.batch_size, time.time() - t0)
 
   # ------------------------------------------------------------------------------------- epochs
+  try:
+    state, step = _train_epochs(config, workdir, state, compiled, spec, pipeline, ckpts, writer, mesh, labels,
+                                root, is_main)
+  finally:                   # also on a crash: let an in-flight checkpoint save complete
+    ckpts.close()
+    pipeline.close()
+  summary = {"step": step}
+
+  # ------------------------------------------------------------------------------ final evaluation
+  if config.eval_at_end and config.data.eval_split:
+    from dcv2_jax import evaluate
+    results = {"learned": evaluate.evaluate_features(apply_trunk, _trunk_variables(state), config.data, mesh=mesh)}
+    if config.eval_random_init:     # the same network at initialisation (deterministic in the seed)
+      random_init = _trunk_variables(compiled.init(jax.random.fold_in(root, 0)))
+      results["random_init"] = evaluate.evaluate_features(apply_trunk, random_init, config.data, mesh=mesh)
+    for name, r in results.items():
+      logging.info("eval %s: kNN top-1 %.4f, linear top-1 %s", name, r.get("knn_top1", float("nan")),
+                   r.get("linear_top1"))
+    writer.write({"step": step, "eval": results})
+    summary["eval"] = results
+  writer.close()
+  return to_python(summary)
+
+
+def _train_epochs(config, workdir, state, compiled, spec, pipeline, ckpts, writer, mesh, labels, root, is_main):
+  """k-means at each epoch start, then the epoch's train steps, logging and checkpoints."""
+  spe, n_examples = pipeline.steps_per_epoch, pipeline.num_examples
+  total_steps = config.num_epochs * spe
   step = int(to_python(state.step))
-  prev_table = to_python(state.table) if step else None
-  prev_table = None if prev_table is None else np.asarray(prev_table)
-  summary = {}
+  prev_table = np.asarray(state.table.addressable_data(0)) if step else None
   while step < total_steps:
     epoch, first = divmod(step, spe)
 
     # --- k-means on last epoch's bank (skipped when resuming mid-epoch: centroids are in the state)
     if first == 0:
+      valid_rows = int(to_python(jnp.sum(state.bank.index >= 0)))
+      if valid_rows < max(spec.num_clusters):
+        raise config_lib.ConfigError(
+            f"epoch {epoch}: the memory bank holds only {valid_rows} readable samples, fewer than "
+            f"loss.num_clusters={spec.num_clusters} (unreadable files are skipped); lower num_clusters")
       t0 = time.time()
       state, sizes = compiled.kmeans_step(state, jax.random.fold_in(jax.random.fold_in(root, 1), epoch))
-      table = np.asarray(to_python(state.table), np.int32)
-      kmeans_s = time.time() - t0
+      jax.block_until_ready(state.table)
+      kmeans_s = time.time() - t0       # includes the compilation in the first epoch of a process
+      table = np.asarray(state.table.addressable_data(0))
       health = cluster_metrics.cluster_health(table, spec.num_clusters, prev_table, labels)
       prev_table = table
       if is_main:
@@ -166,25 +195,8 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     if pending is not None:
       losses.append(_check(pending, config))
 
-    summary = {"step": step, "epoch": epoch, "epoch_loss": float(np.mean(losses)) if losses else None}
-    writer.write(summary)
-
-  ckpts.close()
-  pipeline.close()
-
-  # ------------------------------------------------------------------------------ final evaluation
-  if config.eval_at_end and config.data.eval_split:
-    from dcv2_jax import evaluate
-    results = {"learned": evaluate.evaluate_features(apply_trunk, _trunk_variables(state), config.data, mesh=mesh)}
-    if random_init is not None:
-      results["random_init"] = evaluate.evaluate_features(apply_trunk, random_init, config.data, mesh=mesh)
-    for name, r in results.items():
-      logging.info("eval %s: kNN top-1 %.4f, linear top-1 %s", name, r.get("knn_top1", float("nan")),
-                   r.get("linear_top1"))
-    writer.write({"step": step, "eval": results})
-    summary["eval"] = results
-  writer.close()
-  return to_python(summary)
+    writer.write({"step": step, "epoch": epoch, "epoch_loss": float(np.mean(losses)) if losses else None})
+  return state, step
 
 
 def _check(pending, config):
@@ -194,9 +206,12 @@ def _check(pending, config):
   if not bool(to_python(metrics["params_finite"])):
     raise NonFiniteLoss(f"the weights became non-finite at step {step + 1} (loss {loss}); the run stops here "
                         "and the last checkpoint (written before this step) is kept. Lower the LR.")
-  if not np.isfinite(loss):
-    fp16_skip = config.model.dtype == "float16" and not bool(to_python(metrics["grads_finite"]))
-    if not fp16_skip or float(to_python(metrics["loss_scale"])) <= 1.0:
-      raise NonFiniteLoss(f"loss is {loss} at step {step + 1}; the run stops here and the last checkpoint "
-                          "(written before this step) is kept. Lower the LR or use float32/bfloat16.")
+  grads_finite = bool(to_python(metrics["grads_finite"]))
+  if not np.isfinite(loss) or not grads_finite:
+    # float16: an overflow skips the step and halves the loss scale; give up only once the scale this step
+    # used was already 1. Other dtypes: no second chance.
+    if config.model.dtype != "float16" or float(to_python(metrics["loss_scale"])) <= 1.0:
+      raise NonFiniteLoss(f"loss {loss} (gradients {'finite' if grads_finite else 'non-finite'}) at step "
+                          f"{step + 1}; the run stops here and the last checkpoint (written before this step) "
+                          "is kept. Lower the LR or use float32/bfloat16.")
   return loss

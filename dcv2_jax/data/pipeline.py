@@ -360,10 +360,34 @@ def eval_batches(data_cfg, split: str, batch_size: int, image_size: int, process
   it = _grain_iterator(loader, 0, num_batches, int(data_cfg.get("num_workers", 0)),
                        int(data_cfg.get("threads_per_worker", 1)), int(data_cfg.get("prefetch", 2)))
 
-  def generate():
-    try:
-      yield from it
-    finally:
-      it.close()
+  return _SizedBatches(it, num_batches)
 
-  return generate()
+
+class _SizedBatches:
+  """An iterator that knows its length (progress bars and ETAs) and closes its workers when done."""
+
+  def __init__(self, it, num_batches: int):
+    self._it, self._left = it, num_batches
+
+  def __len__(self) -> int:
+    return self._left
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    if self._left <= 0:
+      self.close()
+      raise StopIteration
+    try:
+      batch = next(self._it)
+    except BaseException:
+      self.close()
+      raise
+    self._left -= 1
+    return batch
+
+  def close(self) -> None:
+    if self._it is not None:
+      self._it.close()
+      self._it = None
