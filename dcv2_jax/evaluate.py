@@ -496,6 +496,8 @@ def _parse_args(argv):
 
 def main(argv=None) -> dict:
   args = _parse_args(argv)
+  from dcv2_jax import distributed
+  distributed.initialize()       # joins the other processes when launched under SLURM / Open MPI / k8s
   if not (args.workdir or args.weights):
     raise SystemExit("give --workdir or --weights")
   cfg = load_config(args.config, args.workdir)

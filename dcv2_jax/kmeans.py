@@ -106,7 +106,9 @@ def lloyd(bank, centroids, num_iters: int, valid=None, *, chunk_size: int = 6553
   n = bank.shape[0]
   shards = _default_shards(n) if shards is None else shards
   valid = jnp.ones((n,), bool) if valid is None else valid.astype(bool)
-  chunks, local = _chunked_view(bank.astype(jnp.dtype(compute_dtype)), shards, chunk_size, 0.0)
+  # Masked rows become zeros: one_hot(-100) is zero, but 0 * NaN is not, so a NaN row must not reach the sums.
+  bank = jnp.where(valid[:, None], bank, 0).astype(jnp.dtype(compute_dtype))
+  chunks, local = _chunked_view(bank, shards, chunk_size, 0.0)
   valid_chunks, _ = _chunked_view(valid, shards, chunk_size, False)
   centroids = centroids.astype(jnp.float32)
 

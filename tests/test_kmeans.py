@@ -144,3 +144,17 @@ def test_bfloat16_kmeans_close_to_float32():
   assert c16.dtype == jnp.float32
   assert (np.asarray(a32) == np.asarray(a16)).mean() > 0.97      # only near-ties may flip
   np.testing.assert_allclose(np.asarray(c16), np.asarray(c32), atol=0.05)
+
+
+def test_cluster_ignores_non_finite_rows():
+  rng = np.random.default_rng(7)
+  bank = memory_bank.create(1, 2, 16, 8)
+  for s in range(2):
+    z = blobs(rng, 16, 8, 3)
+    if s == 1:
+      z[3] = np.nan
+    bank = memory_bank.write(bank, s, jnp.asarray(z[None]), jnp.arange(s * 16, (s + 1) * 16))
+  cents, table, _ = memory_bank.cluster(jax.random.key(0), bank, (4,), 3, 32, crops_for_mb_count=1)
+  assert np.all(np.isfinite(np.asarray(cents)))
+  t = np.asarray(table)[0]
+  assert t[19] == -100 and np.all(np.delete(t, 19) >= 0)

@@ -137,6 +137,20 @@ def test_fp16_overflow_skips_update_and_halves_scale():
   assert float(state.loss_scale.scale) == pytest.approx(1.5e38, rel=1e-3)
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(state.params))):
     np.testing.assert_array_equal(a, b)
+  # The skipped step still counts for the schedule: the optimizer's step counters advanced.
+  counts = [int(x) for x in jax.tree.leaves(jax.device_get(state.opt_state)) if np.asarray(x).dtype.kind == "i"]
+  assert counts and all(c == 1 for c in counts)
   for s in (1, 2):
     state, m = comp.train_step(state, local_batch_to_global(random_batch(rng, s), mesh))
   assert np.isfinite(m["loss"]) and float(state.loss_scale.scale) < 1e38
+
+
+def test_non_finite_embeddings_are_not_stored_in_the_bank():
+  mesh, spec, comp = compiled(8)
+  state = fresh_state(comp)
+  head = jax.device_get(state.params)
+  head["head"]["linear1"]["bias"] = np.full_like(head["head"]["linear1"]["bias"], np.nan)
+  state = state.replace(params=jax.device_put(head, state.centroids.sharding))
+  state, m = comp.train_step(state, local_batch_to_global(random_batch(np.random.default_rng(5)), mesh))
+  assert not np.isfinite(m["loss"])
+  assert np.all(np.asarray(state.bank.index)[0] == -1)      # rows with NaN z are stored as empty

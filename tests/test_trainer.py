@@ -180,3 +180,18 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   for s in steps:    # every checkpoint that was written holds finite weights
     leaves, _, _ = final_params(str(tmp_path / "checkpoints" / str(s)))
     assert all(np.all(np.isfinite(x)) for x in leaves)
+
+
+def test_partly_written_checkpoint_is_never_loaded(reference_run, tmp_path):
+  from dcv2_jax.checkpoint import Checkpoints
+  workdir = str(tmp_path / "partial")
+  shutil.copytree(reference_run, workdir)
+  # What a save killed half-way leaves behind: orbax's temporary directory, never renamed to "<step>".
+  partial = os.path.join(workdir, "checkpoints", "60.orbax-checkpoint-tmp-1234567")
+  os.makedirs(os.path.join(partial, "state"))
+  open(os.path.join(partial, "state", "garbage"), "w").write("half a checkpoint")
+  ckpts = Checkpoints(workdir)
+  assert ckpts.latest_step() == 44
+  ckpts.close()
+  _, _, step = final_params(workdir)
+  assert step == 44
