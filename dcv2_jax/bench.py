@@ -124,7 +124,8 @@ def bench_supervised_step(batch: int, size: int, depth: int, base_width: int, dt
           "peak_mem_gb": _peak_gb()}
 
 
-def bench_kmeans(n: int, dim: int, heads: int, k: int, iters: int, chunk: int, dtype: str, batch: int) -> dict:
+def bench_kmeans(n: int, dim: int, heads: int, k: int, iters: int, chunk: int, dtype: str, batch: int,
+                 sums: str = "scatter") -> dict:
   """All heads as the trainer runs them (memory_bank.cluster on a sharded bank of ~n rows)."""
   from dcv2_jax import memory_bank
   from dcv2_jax.sharding import make_mesh
@@ -137,7 +138,8 @@ def bench_kmeans(n: int, dim: int, heads: int, k: int, iters: int, chunk: int, d
   bank = make(jax.random.key(0))
   shards = mesh.devices.size if batch % mesh.devices.size == 0 else 1
   run = jax.jit(lambda b, key: memory_bank.cluster(key, b, (k,) * heads, iters, steps * batch, crops_for_mb_count=2,
-                                                  chunk_size=chunk, shards=shards, compute_dtype=dtype)[:2])
+                                                  chunk_size=chunk, shards=shards, compute_dtype=dtype,
+                                                  sums=sums)[:2])
   t0 = time.perf_counter()
   jax.block_until_ready(run(bank, jax.random.key(1)))
   compile_s = time.perf_counter() - t0
@@ -147,7 +149,7 @@ def bench_kmeans(n: int, dim: int, heads: int, k: int, iters: int, chunk: int, d
     jax.block_until_ready(run(bank, jax.random.key(2 + i)))
     times.append(time.perf_counter() - t0)
   return {"rows": steps * batch, "dim": dim, "heads": heads, "clusters": k, "iters": iters, "chunk": chunk,
-          "dtype": dtype, "seconds": round(min(times), 4), "compile_s": round(compile_s, 1),
+          "dtype": dtype, "sums": sums, "seconds": round(min(times), 4), "compile_s": round(compile_s, 1),
           "peak_mem_gb": _peak_gb()}
 
 
@@ -173,6 +175,7 @@ def main(argv=None) -> list[dict]:
   ap.add_argument("--warmup", type=int, default=5)
   ap.add_argument("--kmeans_rows", type=int, default=1_281_167)
   ap.add_argument("--kmeans_dtypes", default="float32,bfloat16")
+  ap.add_argument("--kmeans_sums", default="scatter,onehot")
   ap.add_argument("--chunk", type=int, default=65536)
   args, rest = ap.parse_known_args(argv)
   results = []
@@ -199,8 +202,9 @@ def main(argv=None) -> list[dict]:
   else:
     rows, k, batch = (4096, 32, 256) if args.quick else (args.kmeans_rows, 3000, 4096)
     for dtype in args.kmeans_dtypes.split(","):
-      results.append(_emit({"bench": "kmeans", **bench_kmeans(rows, 128, 3, k, 10, min(args.chunk, rows), dtype,
-                                                              batch)}))
+      for sums in args.kmeans_sums.split(","):
+        results.append(_emit({"bench": "kmeans", **bench_kmeans(rows, 128, 3, k, 10, min(args.chunk, rows), dtype,
+                                                                batch, sums)}))
   return results
 
 

@@ -65,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
   l.crops_for_mb = (0, 1)
   l.kmeans_chunk = 65536         # bank rows per assignment chunk (memory: chunk x K floats)
   l.kmeans_dtype = "float32"     # matmul inputs of k-means: float32 (TF32 on GPU) | bfloat16 (faster)
+  l.kmeans_sums = "scatter"      # cluster sums: scatter (add rows) | onehot (one-hot matmul)
   l.empty_clusters = "keep"      # keep (reference) | reseed (from the rows farthest from their centroid)
 
   # --- optimizer (dcv2_jax/optim.py) ---
@@ -157,6 +158,8 @@ def validate(config, num_examples: int, steps_per_epoch: int, num_devices: int, 
     problems.append(f"loss.temperature={l.temperature} must be > 0")
   if config.optim.name not in ("larc", "lars", "sgd"):
     problems.append(f"optim.name={config.optim.name!r}: choose larc, lars or sgd")
+  if l.kmeans_sums not in ("scatter", "onehot"):
+    problems.append(f"loss.kmeans_sums={l.kmeans_sums!r}: choose scatter or onehot")
   if l.kmeans_dtype not in ("float32", "bfloat16"):
     problems.append(f"loss.kmeans_dtype={l.kmeans_dtype!r}: choose float32 or bfloat16")
   if l.empty_clusters not in ("keep", "reseed"):

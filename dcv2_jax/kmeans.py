@@ -43,10 +43,27 @@ def _chunked_view(x, shards: int, chunk: int, fill):
   return jnp.moveaxis(x, 1, 0), local
 
 
-def _assign_pass(chunks, valid_chunks, centroids, precision, with_sums: bool):
+def _cluster_sums(x, a, k, method, precision):
+  """Per-shard member sums [P, K, D] and counts [P, K] of rows x [P, c, D] with assignments a [P, c].
+
+  'scatter' adds each row into its cluster (reads the chunk once: O(c*D) memory traffic); 'onehot' is a
+  one-hot [c, K] x [c, D] matmul (tensor cores, but writes and reads a [c, K] matrix). Rows assigned -100
+  are dropped by both.
+  """
+  if method == "onehot":
+    onehot = jax.nn.one_hot(a, k, dtype=x.dtype)                # -100 rows -> all zeros; exact in bf16
+    return (jnp.einsum("pck,pcd->pkd", onehot, x, precision=precision, preferred_element_type=jnp.float32),
+            onehot.sum(axis=1, dtype=jnp.float32))
+  ids = jnp.where(a >= 0, a, k)                                 # out of range -> dropped
+  per_shard = jax.vmap(lambda xs, i: (jax.ops.segment_sum(xs.astype(jnp.float32), i, k),
+                                      jax.ops.segment_sum(jnp.ones(i.shape, jnp.float32), i, k)))
+  return per_shard(x, ids)
+
+
+def _assign_pass(chunks, valid_chunks, centroids, precision, with_sums: bool, sums_method: str = "scatter"):
   """One pass over the bank: assignments [M, P, c], best scores, and (optionally) per-cluster sums/counts.
 
-  The matmuls take the bank's dtype (float32, or bfloat16 for speed) and accumulate in float32.
+  The score matmul takes the bank's dtype (float32, or bfloat16 for speed) and accumulates in float32.
   """
   k, d = centroids.shape
   shards = chunks.shape[1]
@@ -60,13 +77,9 @@ def _assign_pass(chunks, valid_chunks, centroids, precision, with_sums: bool):
     best = jnp.where(v, jnp.max(scores, axis=-1), jnp.inf)
     a = jnp.where(v, a, IGNORE)
     if with_sums:
-      sums, counts = carry
-      onehot = jax.nn.one_hot(a, k, dtype=x.dtype)              # IGNORE rows -> all zeros; exact in bf16
       # Per-shard accumulators: the sum over shards (a cross-device all-reduce) waits until after the scan.
-      sums = sums + jnp.einsum("pck,pcd->pkd", onehot, x, precision=precision,
-                               preferred_element_type=jnp.float32)
-      counts = counts + onehot.sum(axis=1, dtype=jnp.float32)
-      carry = (sums, counts)
+      s, n = _cluster_sums(x, a, k, sums_method, precision)
+      carry = (carry[0] + s, carry[1] + n)
     return carry, (a, best)
 
   init = (jnp.zeros((shards, k, d), jnp.float32), jnp.zeros((shards, k), jnp.float32)) if with_sums else None
@@ -91,9 +104,9 @@ def _reseed_empty(centroids, counts, chunks, best):
 
 
 @functools.partial(jax.jit, static_argnames=("num_iters", "chunk_size", "shards", "empty_clusters", "precision",
-                                             "compute_dtype"))
+                                             "compute_dtype", "sums"))
 def lloyd(bank, centroids, num_iters: int, valid=None, *, chunk_size: int = 65536, shards: int | None = None,
-          empty_clusters: str = "keep", precision=None, compute_dtype: str = "float32"):
+          empty_clusters: str = "keep", precision=None, compute_dtype: str = "float32", sums: str = "scatter"):
   """Spherical k-means: `num_iters` update steps and `num_iters + 1` assignment steps.
 
   bank [N, D] unit rows; centroids [K, D] initial. An update sets each centroid to the L2-normalised
@@ -113,8 +126,8 @@ def lloyd(bank, centroids, num_iters: int, valid=None, *, chunk_size: int = 6553
   centroids = centroids.astype(jnp.float32)
 
   def update(_, c):
-    _, best, sums, counts = _assign_pass(chunks, valid_chunks, c, precision, with_sums=True)
-    new = sums / jnp.maximum(jnp.linalg.norm(sums, axis=-1, keepdims=True), 1e-12)
+    _, best, total, counts = _assign_pass(chunks, valid_chunks, c, precision, with_sums=True, sums_method=sums)
+    new = total / jnp.maximum(jnp.linalg.norm(total, axis=-1, keepdims=True), 1e-12)
     new = jnp.where((counts > 0)[:, None], new, c)
     if empty_clusters == "reseed":
       new = _reseed_empty(new, counts, chunks, best)

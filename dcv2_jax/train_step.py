@@ -52,6 +52,7 @@ class StepSpec:
   kmeans_chunk: int
   empty_clusters: str
   kmeans_dtype: str
+  kmeans_sums: str
   seed: int
   augment_cfg: Any
   compute_dtype: Any
@@ -76,7 +77,8 @@ def make_spec(config, num_examples: int, steps_per_epoch: int, num_devices=None,
       crops_for_mb=tuple(config.loss.crops_for_mb), num_clusters=tuple(config.loss.num_clusters),
       embedding_dim=int(config.model.head_dims[-1]), temperature=float(config.loss.temperature),
       kmeans_iters=int(config.loss.kmeans_iters), kmeans_chunk=int(config.loss.kmeans_chunk),
-      empty_clusters=config.loss.empty_clusters, kmeans_dtype=config.loss.kmeans_dtype, seed=int(config.seed),
+      empty_clusters=config.loss.empty_clusters, kmeans_dtype=config.loss.kmeans_dtype,
+      kmeans_sums=config.loss.kmeans_sums, seed=int(config.seed),
       augment_cfg=config.augment,
       compute_dtype=DTYPES[config.model.dtype], loss_scale_init=float(config.optim.loss_scale),
       loss_scale_period=int(config.optim.loss_scale_period))
@@ -222,7 +224,7 @@ def kmeans_step(spec: StepSpec, state: TrainState, key, shards=None):
   centroids, table, sizes = memory_bank.cluster(
       key, state.bank, spec.num_clusters, spec.kmeans_iters, spec.num_examples,
       crops_for_mb_count=len(spec.crops_for_mb), chunk_size=spec.kmeans_chunk,
-      empty_clusters=spec.empty_clusters, shards=shards, compute_dtype=spec.kmeans_dtype)
+      empty_clusters=spec.empty_clusters, shards=shards, compute_dtype=spec.kmeans_dtype, sums=spec.kmeans_sums)
   return state.replace(centroids=centroids, table=table), sizes
 
 

@@ -32,15 +32,16 @@ def blobs(rng, n, d, k):
   return unit(centers[rng.integers(0, k, n)] + 0.3 * rng.normal(size=(n, d))).astype(np.float32)
 
 
-@pytest.mark.parametrize("chunk", [7, 64, 1000])
-def test_lloyd_matches_reference_with_padding(chunk):
+@pytest.mark.parametrize("chunk,sums", [(7, "scatter"), (64, "scatter"), (1000, "scatter"), (64, "onehot")])
+def test_lloyd_matches_reference_with_padding(chunk, sums):
   rng = np.random.default_rng(0)
   bank = np.abs(blobs(rng, 200, 8, 6))      # positive orthant: a negative centroid wins no row
   valid = rng.random(200) > 0.2
   init = bank[np.flatnonzero(valid)[:10]]
   # Far-away initial centroid: nothing is assigned to it -> empty cluster must keep it.
   init[3] = -unit(np.ones(8))
-  got_c, got_a = kmeans.lloyd(jnp.asarray(bank), jnp.asarray(init), 5, jnp.asarray(valid), chunk_size=chunk)
+  got_c, got_a = kmeans.lloyd(jnp.asarray(bank), jnp.asarray(init), 5, jnp.asarray(valid), chunk_size=chunk,
+                              sums=sums)
   ref_c, ref_a = reference_lloyd(bank, init, 5, valid)
   np.testing.assert_array_equal(np.asarray(got_a), ref_a)
   np.testing.assert_allclose(np.asarray(got_c), ref_c, atol=1e-5)
@@ -71,7 +72,8 @@ def test_reseed_fills_empty_clusters():
   np.testing.assert_allclose(np.linalg.norm(np.asarray(c), axis=1), 1.0, atol=1e-5)
 
 
-def test_sharded_bank_equals_single_device():
+@pytest.mark.parametrize("sums", ["scatter", "onehot"])
+def test_sharded_bank_equals_single_device(sums):
   rng = np.random.default_rng(3)
   bank = blobs(rng, 8 * 40, 16, 12)
   valid = rng.random(320) > 0.1
@@ -79,13 +81,17 @@ def test_sharded_bank_equals_single_device():
   mesh = make_mesh()
   sharded = jax.device_put(bank, NamedSharding(mesh, P("data", None)))
   sv = jax.device_put(valid, NamedSharding(mesh, P("data")))
-  c8, a8 = kmeans.lloyd(sharded, jnp.asarray(init), 6, sv, chunk_size=16, shards=8)
+  c8, a8 = kmeans.lloyd(sharded, jnp.asarray(init), 6, sv, chunk_size=16, shards=8, sums=sums)
   one = jax.devices()[0]
   c1, a1 = kmeans.lloyd(jax.device_put(bank, one), jax.device_put(init, one), 6, jax.device_put(valid, one),
-                        chunk_size=16, shards=1)
+                        chunk_size=16, shards=1, sums=sums)
   np.testing.assert_array_equal(np.asarray(a8), np.asarray(a1))
   np.testing.assert_allclose(np.asarray(c8), np.asarray(c1), atol=1e-5)
   assert len(c8.sharding.device_set) == 8
+  # Rows never leave their device: no all-gather or all-to-all in the compiled program, only the
+  # all-reduce of the [K, D] sums (and of the counts).
+  hlo = kmeans.lloyd.lower(sharded, jnp.asarray(init), 6, sv, chunk_size=16, shards=8, sums=sums).compile().as_text()
+  assert "all-gather" not in hlo and "all-to-all" not in hlo and "all-reduce" in hlo
 
 
 def test_init_centroids_valid_distinct_and_deterministic():
