@@ -19,5 +19,7 @@ def test_step_bench_prints_figures(capsys):
 
 def test_kmeans_bench_prints_figures(capsys):
   bench.main(["kmeans", "--quick", "--kmeans_dtypes", "float32"])
-  (line,) = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+  lines = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+  assert sorted(r["sums"] for r in lines) == ["onehot", "scatter"]
+  line = lines[0]
   assert line["bench"] == "kmeans" and line["heads"] == 3 and line["seconds"] > 0 and line["rows"] == 4096
