@@ -37,6 +37,9 @@ def _peak_gb():
   return None if peak is None else round(peak / 2 ** 30, 2)
 
 
+TRACE_DIR = None   # --trace DIR: a jax.profiler trace of every timed loop (open with TensorBoard/Perfetto)
+
+
 def _time(fn, state, args, steps: int, warmup: int):
   """(compile seconds, ms per step): compile + warm-up first, then `steps` timed calls back to back."""
   t0 = time.perf_counter()
@@ -46,11 +49,16 @@ def _time(fn, state, args, steps: int, warmup: int):
   for _ in range(warmup):
     state, out = fn(state, *args)
   jax.block_until_ready((state, out))
+  if TRACE_DIR:
+    jax.profiler.start_trace(TRACE_DIR)
   t0 = time.perf_counter()
   for _ in range(steps):
     state, out = fn(state, *args)
   jax.block_until_ready((state, out))
-  return compile_s, (time.perf_counter() - t0) / steps * 1e3
+  ms = (time.perf_counter() - t0) / steps * 1e3
+  if TRACE_DIR:
+    jax.profiler.stop_trace()
+  return compile_s, ms
 
 
 def bench_dcv2_step(crops, batch: int, depth: int, base_width: int, dtype: str, steps: int, warmup: int,
@@ -177,7 +185,10 @@ def main(argv=None) -> list[dict]:
   ap.add_argument("--kmeans_dtypes", default="float32,bfloat16")
   ap.add_argument("--kmeans_sums", default="scatter,onehot")
   ap.add_argument("--chunk", type=int, default=65536)
+  ap.add_argument("--trace", default="", help="step: write a jax.profiler trace of the timed steps here")
   args, rest = ap.parse_known_args(argv)
+  global TRACE_DIR
+  TRACE_DIR = args.trace or None
   results = []
   if args.what == "pipeline":
     from dcv2_jax.data import benchmark
