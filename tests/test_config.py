@@ -1,0 +1,47 @@
+"""Config resolution (per-device batch, LR scaling note), key checks, the recipes' published settings."""
+import importlib
+
+import pytest
+
+from dcv2_jax import config as config_lib
+
+
+def test_per_device_batch_and_lr_scaling_note():
+  c = config_lib.base_config()
+  c.per_device_batch_size = 64
+  resolved, notes = config_lib.resolve(c, num_devices=16)
+  assert resolved.batch_size == 1024 and resolved.per_device_batch_size == 0
+  assert c.batch_size == 4096                       # the caller's config is left alone
+  assert any("linear LR scaling" in n and "peak LR 1.2" in n for n in notes)
+  c.optim.scale_lr_with_batch = False
+  _, notes = config_lib.resolve(c, num_devices=16)
+  assert not any("LR" in n for n in notes)
+
+
+def test_unknown_keys_message():
+  c = config_lib.base_config()
+  assert config_lib.unknown_keys_message(c, ["loss.temperature", "model.sync_bn.group_size"]) is None
+  msg = config_lib.unknown_keys_message(c, ["loss.temprature"])
+  assert "did you mean loss.temperature" in msg and "optim.trust_coefficient" in msg
+
+
+@pytest.mark.parametrize("name,crops,epochs", [
+    ("dcv2_2crops", ((224, 2, 0.08, 1.0),), 400),
+    ("dcv2_2x160_4x96", ((160, 2, 0.08, 1.0), (96, 4, 0.05, 0.14)), 400),
+    ("dcv2_2x224_6x96", ((224, 2, 0.14, 1.0), (96, 6, 0.05, 0.14)), 800)])
+def test_published_recipes(name, crops, epochs):
+  c = importlib.import_module(f"configs.{name}").get_config()
+  assert tuple(map(tuple, c.data.crops)) == crops and c.num_epochs == epochs
+  assert (c.batch_size, c.loss.temperature, tuple(c.loss.num_clusters), c.loss.kmeans_iters) == (
+      4096, 0.1, (3000, 3000, 3000), 10)
+  assert (c.optim.name, c.optim.lr, c.optim.warmup_start_lr, c.optim.final_lr, c.optim.weight_decay) == (
+      "larc", 4.8, 0.3, 0.0048, 1e-6)
+  assert tuple(c.model.head_dims) == (2048, 128) and c.model.head_bn and c.model.depth == 50
+  config_lib.validate(c, 1_281_167, 1_281_167 // 4096, num_devices=64, num_processes=8)
+
+
+def test_bad_step_intervals():
+  c = config_lib.base_config()
+  c.log_every_steps = 0
+  with pytest.raises(config_lib.ConfigError, match="log_every_steps=0"):
+    config_lib.validate(c, 10000, 2, num_devices=8, num_processes=1)
