@@ -155,10 +155,16 @@ def jitter_planes(xp, r, g, b, brightness, contrast, saturation, hue):
 # ----------------------------------------------------------------------------------------------------------
 
 def blur_kernel_size(size: int, cfg=None) -> int:
-  """Odd tap count, about blur_kernel_frac (default 10%) of the crop size: 23 at 224, 17 at 160, 9 at 96."""
-  frac = float(_cfg(cfg, "blur_kernel_frac", 0.1) if cfg is not None else 0.1)
-  k = 2 * int(frac / 2 * size) + 1
-  return max(1, min(k, 2 * size - 1))  # reflect-101 needs radius < size
+  """Odd tap count: augment.blur_kernel_size (default 23, the released models' OpenCV 23x23 kernel at every
+  crop size; a 10%-of-size kernel would cut sigma=2 off at 2 sigma on 96px crops), or, when that is 0,
+  blur_kernel_frac of the crop size. Capped below 2*size (reflect-101 needs radius < size)."""
+  fixed = int(_cfg(cfg, "blur_kernel_size", 23) if cfg is not None else 23)
+  if fixed > 0:
+    k = fixed | 1
+  else:
+    frac = float(_cfg(cfg, "blur_kernel_frac", 0.1) if cfg is not None else 0.1)
+    k = 2 * int(frac / 2 * size) + 1
+  return max(1, min(k, 2 * size - 1))
 
 
 def gaussian_taps(xp, sigma, ksize: int):

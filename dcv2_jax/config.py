@@ -38,6 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
   a.grayscale_p = 0.2
   a.blur_p = 0.5
   a.blur_sigma = (0.1, 2.0)
+  a.blur_kernel_size = 23        # taps at every crop size (the released models' OpenCV 23x23); 0 = use frac
   a.blur_kernel_frac = 0.1       # blur taps 2*floor(frac*S/2)+1: 23 at S=224, 17 at 160, 9 at 96
   a.mean = (0.485, 0.456, 0.406)
   a.std = (0.228, 0.224, 0.225)  # SwAV repo; VISSL uses 0.229 for red

@@ -103,20 +103,23 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
           f"this config has {n_examples} and {config.batch_size}. Use a new workdir.")
     logging.info("resumed from step %d (epoch %d)", int(meta["step"]), int(meta["step"]) // spe)
   else:
-    state = compiled.init(jax.random.fold_in(root, 0))
-    # -------------------------------------------------------------- memory-bank initial pass
-    t0 = time.time()
-    batches = data.device_prefetch(pipeline.iterate(config.num_epochs), mesh)   # an epoch never trained
-    for slot, batch in enumerate(batches):
-      state = compiled.bank_init_step(state, batch, jnp.asarray(slot, jnp.int32))
-    jax.block_until_ready(state.bank.z)
-    logging.info("memory bank filled: %d rows in %.1fs", spe * config.batch_size, time.time() - t0)
+    state = None
 
-  # ------------------------------------------------------------------------------------- epochs
-  try:
+  try:                       # finally: on a crash too, let an in-flight save complete and stop the workers
+    if state is None:
+      # ------------------------------------------------------------ memory-bank initial pass
+      state = compiled.init(jax.random.fold_in(root, 0))
+      t0 = time.time()
+      with data.device_prefetch(pipeline.iterate(config.num_epochs), mesh) as batches:  # never trained on
+        for slot, batch in enumerate(batches):
+          state = compiled.bank_init_step(state, batch, jnp.asarray(slot, jnp.int32))
+      jax.block_until_ready(state.bank.z)
+      logging.info("memory bank filled: %d rows in %.1fs", spe * config.batch_size, time.time() - t0)
+
+    # ----------------------------------------------------------------------------------- epochs
     state, step = _train_epochs(config, workdir, state, compiled, spec, pipeline, ckpts, writer, mesh, labels,
                                 root, is_main)
-  finally:                   # also on a crash: let an in-flight checkpoint save complete
+  finally:
     ckpts.close()
     pipeline.close()
   summary = {"step": step}
@@ -124,10 +127,11 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
   # ------------------------------------------------------------------------------ final evaluation
   if config.eval_at_end and config.data.eval_split:
     from dcv2_jax import evaluate
-    results = {"learned": evaluate.evaluate_features(apply_trunk, _trunk_variables(state), config.data, mesh=mesh)}
+    norm = dict(mean=tuple(config.augment.mean), std=tuple(config.augment.std), mesh=mesh)
+    results = {"learned": evaluate.evaluate_features(apply_trunk, _trunk_variables(state), config.data, **norm)}
     if config.eval_random_init:     # the same network at initialisation (deterministic in the seed)
       random_init = _trunk_variables(compiled.init(jax.random.fold_in(root, 0)))
-      results["random_init"] = evaluate.evaluate_features(apply_trunk, random_init, config.data, mesh=mesh)
+      results["random_init"] = evaluate.evaluate_features(apply_trunk, random_init, config.data, **norm)
     for name, r in results.items():
       logging.info("eval %s: kNN top-1 %.4f, linear top-1 %s", name, r.get("knn_top1", float("nan")),
                    r.get("linear_top1"))
@@ -169,34 +173,41 @@ def _train_epochs(config, workdir, state, compiled, spec, pipeline, ckpts, write
 
     # --- train steps
     progress = Progress(total_steps, step, config.batch_size, config.batch_size * spec.num_crops)
-    pending = None          # metrics of the previous step, checked one step late (no pipeline stall)
-    losses = []
-    batches = data.device_prefetch(pipeline.iterate(epoch, first), mesh)
-    for batch in batches:
-      state, metrics = compiled.train_step(state, batch)
-      if pending is not None:
-        losses.append(_check(pending, config))
-      pending = (step, metrics)
-      step += 1
-      if step % config.log_every_steps == 0 or step % spe == 0:
-        losses.append(_check(pending, config))
-        pending = None
-        record = {"step": step, "epoch": epoch, **to_python(metrics), **progress.report(step)}
-        writer.write(record)
-        logging.info("step %d/%d epoch %d loss %.4f lr %.4g %.0f img/s ETA %s", step, total_steps, epoch,
-                     record["loss"], record["lr"], record["img_per_s"], format_eta(record["eta_s"]))
-      if step % config.checkpoint_every_steps == 0 or step % spe == 0:
-        if pending is not None:
-          losses.append(_check(pending, config))
-          pending = None
-        ckpts.save(step, state, {"step": step, "num_examples": n_examples, "global_batch": config.batch_size,
-                                 "data": {"epoch": step // spe, "step": step % spe},
-                                 "config": config.to_json_best_effort()})
-    if pending is not None:
-      losses.append(_check(pending, config))
-
+    with data.device_prefetch(pipeline.iterate(epoch, first), mesh) as batches:
+      state, step, losses = _train_steps(config, state, compiled, batches, step, epoch, spe, n_examples,
+                                         progress, ckpts, writer)
     writer.write({"step": step, "epoch": epoch, "epoch_loss": float(np.mean(losses)) if losses else None})
   return state, step
+
+
+def _train_steps(config, state, compiled, batches, step, epoch, spe, n_examples, progress, ckpts, writer):
+  """One epoch's steps. Each step's metrics are checked one step late, so the host never stalls the device,
+  except before a checkpoint: only a state whose step was checked finite is saved."""
+  total_steps = config.num_epochs * spe
+  losses, pending = [], None
+  for batch in batches:
+    state, metrics = compiled.train_step(state, batch)
+    if pending is not None:
+      losses.append(_check(pending, config))
+    pending = (step, metrics)
+    step += 1
+    if step % config.log_every_steps == 0 or step % spe == 0:
+      losses.append(_check(pending, config))
+      pending = None
+      record = {"step": step, "epoch": epoch, **to_python(metrics), **progress.report(step)}
+      writer.write(record)
+      logging.info("step %d/%d epoch %d loss %.4f lr %.4g %.0f img/s ETA %s", step, total_steps, epoch,
+                   record["loss"], record["lr"], record["img_per_s"], format_eta(record["eta_s"]))
+    if step % config.checkpoint_every_steps == 0 or step % spe == 0:
+      if pending is not None:
+        losses.append(_check(pending, config))
+        pending = None
+      ckpts.save(step, state, {"step": step, "num_examples": n_examples, "global_batch": config.batch_size,
+                               "data": {"epoch": step // spe, "step": step % spe},
+                               "config": config.to_json_best_effort()})
+  if pending is not None:
+    losses.append(_check(pending, config))
+  return state, step, losses
 
 
 def _check(pending, config):

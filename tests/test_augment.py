@@ -58,7 +58,11 @@ def torchvision_reference(img_u8, p, i, ksize):
 
 
 def test_blur_kernel_size():
-  assert [augment.blur_kernel_size(s, CFG) for s in (224, 160, 96, 64, 32)] == [23, 17, 9, 7, 3]
+  # Default: 23 taps at every size (the released models' OpenCV kernel), capped below 2 x size.
+  assert [augment.blur_kernel_size(s, CFG) for s in (224, 160, 96, 32, 8)] == [23, 23, 23, 23, 15]
+  frac = config.base_config().augment
+  frac.blur_kernel_size = 0
+  assert [augment.blur_kernel_size(s, frac) for s in (224, 160, 96, 64, 32)] == [23, 17, 9, 7, 3]
 
 
 def test_each_op_matches_torchvision():
@@ -90,7 +94,8 @@ def test_device_augment_matches_torchvision_with_its_own_draws():
   got = np.asarray(jax.jit(lambda x, k: augment.device_augment(x, k, CFG, jnp.float32))(imgs, keys))
   p = {k: np.asarray(v) for k, v in augment.augment_params(keys, CFG).items()}
   for i in range(16):
-    np.testing.assert_allclose(got[i], torchvision_reference(imgs[i], p, i, 3), atol=2e-4)
+    np.testing.assert_allclose(got[i], torchvision_reference(imgs[i], p, i, augment.blur_kernel_size(size, CFG)),
+                               atol=2e-4)
 
 
 def test_bfloat16_output_close_to_float32():
@@ -109,7 +114,7 @@ def test_blur_matches_scipy_gaussian_filter():
   sigma = np.asarray([0.5, 1.0, 2.0], np.float32)
   p = params(3, blur=[1, 1, 1], sigma=sigma)
   got = denorm(apply_f32(imgs, p))
-  radius = augment.blur_kernel_size(size, CFG) // 2  # 2 at 24 px
+  radius = augment.blur_kernel_size(size, CFG) // 2  # 11 at 24 px
   for i in range(3):
     x = imgs[i].astype(np.float64) / 255
     ref = ndimage.gaussian_filter1d(x, float(sigma[i]), axis=0, mode="mirror", radius=radius)

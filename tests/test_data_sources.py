@@ -173,3 +173,15 @@ def test_tfds_unknown_dataset_and_wrong_data_dir(tmp_path, tfds_dir):
   assert not any(p.name == "downloads" for p in tmp_path.rglob("*"))
   with pytest.raises(ValueError, match="no split 'test'"):
     make_source(data_cfg(source="tfds", name="dcv2_test_tiny_images", path=tfds_dir, split="test"))
+
+
+def test_image_folder_eval_split_labels_follow_the_training_classes(tmp_path):
+  for split, classes in (("train", ("ant", "bee", "cat")), ("val", ("ant", "cat"))):   # val lacks "bee"
+    for cls in classes:
+      os.makedirs(tmp_path / split / cls)
+      Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / split / cls / "a.png")
+  cfg = config_lib.base_config().data
+  cfg.source, cfg.path, cfg.split = "image_folder", str(tmp_path), "train"
+  val = make_source(cfg, "val")
+  assert [val[i]["label"] for i in range(len(val))] == [0, 2]      # cat keeps label 2
+  assert [make_source(cfg)[i]["label"] for i in range(3)] == [0, 1, 2]

@@ -105,11 +105,12 @@ class TrainBatchLoader:
       i = int(i)
       try:
         example = self.source[i]
-        groups = self._sample_crops(example["image"], epoch, i)
-      except Exception as e:  # pylint: disable=broad-except
+      except Exception as e:  # pylint: disable=broad-except  (PIL, I/O, tfds record errors alike)
         # A bad file must never stop training: skip it, mark it (index -1, zero crops), say which file.
         log.warning("skipping undecodable sample %s: %s: %s", self.source.describe(i), type(e).__name__, e)
         continue
+      # Outside the try: a bug in cropping or augmentation must fail loudly, not pass as a bad file.
+      groups = self._sample_crops(example["image"], epoch, i)
       for dst, src in zip(crops, groups):
         dst[row] = src
       index[row] = i

@@ -82,6 +82,14 @@ class DevicePrefetcher:
     self._stop.set()
     self._thread.join(timeout=10)
     self._done = True
+    while not self._queue.empty():   # drop prefetched device batches now, not when this object dies
+      self._queue.get_nowait()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
 
 
 def device_prefetch(iterator: Iterator, mesh, size: int = 2) -> DevicePrefetcher:

@@ -46,7 +46,7 @@ def decode_image(data: bytes | str | os.PathLike) -> np.ndarray:
 class ImageFolderSource:
   """Class sub-directories of image files; label = position of the sub-directory name in sorted order."""
 
-  def __init__(self, root: str):
+  def __init__(self, root: str, classes=None):
     if not root:
       raise ValueError("data.path is empty: set --config.data.path=/path/to/folder (one sub-directory per "
                        "class of JPEG/PNG files) for data.source=image_folder.")
@@ -54,9 +54,20 @@ class ImageFolderSource:
       raise FileNotFoundError(f"image folder {root!r} does not exist or is not a directory: set "
                               "--config.data.path to a folder with one sub-directory per class.")
     self.root = root
-    self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    found = sorted(_class_dirs(root))
+    if classes is not None:
+      # Another split's class list (the training split's): the same name gets the same label even when
+      # this split lacks some classes.
+      unknown = sorted(set(found) - set(classes))
+      if unknown:
+        raise ValueError(f"image folder {root!r} has classes the training split lacks: {unknown[:10]}")
+      self.classes = list(classes)
+    else:
+      self.classes = found
     files, labels = [], []
     for label, cls in enumerate(self.classes):
+      if cls not in found:
+        continue
       for dirpath, dirnames, filenames in os.walk(os.path.join(root, cls), followlinks=True):
         dirnames.sort()  # walk order = sorted order, so indices are stable
         for name in sorted(filenames):
@@ -184,6 +195,10 @@ class DigitsSource:
     return dict(image=self._images[i], label=int(self._labels[i]))
 
 
+def _class_dirs(root: str) -> list:
+  return [e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")]
+
+
 def make_source(data_cfg: Any, split: str | None = None):
   """The source for `data_cfg.source` and `split` (default `data_cfg.split`)."""
   kind = data_cfg.source
@@ -193,7 +208,9 @@ def make_source(data_cfg: Any, split: str | None = None):
     return TfdsSource(data_cfg.name, split, path or None)
   if kind == "image_folder":
     if path and os.path.isdir(os.path.join(path, split)):
-      return ImageFolderSource(os.path.join(path, split))
+      train = os.path.join(path, data_cfg.split)
+      classes = sorted(_class_dirs(train)) if split != data_cfg.split and os.path.isdir(train) else None
+      return ImageFolderSource(os.path.join(path, split), classes)
     if split != data_cfg.split:
       raise FileNotFoundError(
           f"image folder {path!r} has no sub-folder {split!r} for split {split!r}: create {path}/{split}/ "
