@@ -6,17 +6,18 @@ train step on the accelerator (`augment.where == 'device'`, the default), and as
 for `augment.where == 'host'` (`host_augment`, called by the data pipeline).
 
 Semantics follow torchvision's tensor (float) ops, with these documented choices:
-  * The four jitter ops run in the fixed order brightness -> contrast -> saturation -> hue (torchvision draws
-    a random order per image); each op clamps to [0, 1] as torchvision's do. Brightness/contrast/saturation
-    factors are U(max(0, 1-j), 1+j), the hue shift U(-j, j), as in ColorJitter.
+  * The four jitter ops run in a random order per image, as torchvision's ColorJitter (`augment.jitter_order
+    = 'random'`; 'fixed' = brightness -> contrast -> saturation -> hue, cheaper); each op clamps to [0, 1]
+    as torchvision's do. Brightness/contrast/saturation factors are U(max(0, 1-j), 1+j), the hue shift
+    U(-j, j), as in ColorJitter.
   * Grayscale uses torchvision's ITU-R 601-2 luma 0.2989 R + 0.587 G + 0.114 B, replicated to 3 channels.
-  * Blur: a kernel of `2 * floor(blur_kernel_frac / 2 * S) + 1` taps (23 at S=224, 9 at 96), sigma
+  * Blur: a kernel of `blur_kernel_size` taps (default 23 at every size, as the released models), sigma
     U(blur_sigma), reflect-101 borders (torch's 'reflect' padding, OpenCV's default border, scipy's
     'mirror'), i.e. torchvision.transforms.v2.functional.gaussian_blur.
   * The flip is folded into the width blur matrix (flip then blur == blur with the matrix's columns
     reversed), so it costs no extra pass over the image.
 
-Randomness: every crop's 9 uniforms (`NUM_UNIFORMS`) come from one PRNG key on the device, or from the
+Randomness: every crop's 13 uniforms (`NUM_UNIFORMS`) come from one PRNG key on the device, or from the
 sample's numpy Generator on the host; `params_from_uniforms` turns them into operation parameters, the same
 function on both paths, so both draw from the same distribution.
 """
@@ -32,8 +33,9 @@ import numpy as np
 # Luma weights of torchvision's rgb_to_grayscale (ITU-R 601-2).
 LUMA = (0.2989, 0.587, 0.114)
 # Uniform draws per crop, by position: flip, jitter on, brightness, contrast, saturation, hue, gray on,
-# blur on, blur sigma.
-NUM_UNIFORMS = 9
+# blur on, blur sigma, then 4 whose ranks give the jitter order (argsort of iid uniforms: a uniform
+# permutation, as torch.randperm(4) in ColorJitter).
+NUM_UNIFORMS = 13
 # Mixed into the seed so augmentation keys never coincide with keys the trainer derives from the same seed.
 _KEY_DOMAIN = 0x61756733
 
@@ -96,6 +98,7 @@ def params_from_uniforms(u, cfg) -> dict:
       gray=u[..., 6] < float(_cfg(cfg, "grayscale_p")),
       blur=u[..., 7] < float(_cfg(cfg, "blur_p")),
       sigma=lo_sigma + (hi_sigma - lo_sigma) * u[..., 8],
+      order=u[..., 9:13].argsort(axis=-1).astype(np.int32),   # works on numpy and jax arrays alike
   )
 
 
@@ -119,35 +122,69 @@ def _fmod6(x, xp):
   return x - 6.0 * xp.floor(x * (1.0 / 6.0))
 
 
-def jitter_planes(xp, r, g, b, brightness, contrast, saturation, hue):
-  """ColorJitter on float planes in [0, 1]: brightness -> contrast -> saturation -> hue, each clamped.
+def _brightness(xp, r, g, b, f):
+  """Blend with black."""
+  return tuple(xp.clip(c * f, 0.0, 1.0) for c in (r, g, b))
 
-  Factors broadcast against the planes ([N, 1, 1] for a batch, scalars for one image).
-  """
-  clip = lambda x: xp.clip(x, 0.0, 1.0)
-  # brightness: blend with black
-  r, g, b = clip(r * brightness), clip(g * brightness), clip(b * brightness)
-  # contrast: blend with the mean of the grayscale image
-  mean = xp.mean(_luma(r, g, b), axis=(-2, -1), keepdims=True)
-  off = (1.0 - contrast) * mean
-  r, g, b = clip(r * contrast + off), clip(g * contrast + off), clip(b * contrast + off)
-  # saturation: blend with the grayscale image
-  off = (1.0 - saturation) * _luma(r, g, b)
-  r, g, b = clip(r * saturation + off), clip(g * saturation + off), clip(b * saturation + off)
-  # hue: rotate H in HSV. torchvision's rgb->hsv->rgb, with the hsv->rgb step in its closed form
-  # channel = V - C * clamp(min(k, 4 - k), 0, 1), k = (n + 6H) mod 6, n = 5, 3, 1 (C = V - min = V * S).
+
+def _contrast(xp, r, g, b, f):
+  """Blend with the mean of the grayscale image."""
+  off = (1.0 - f) * xp.mean(_luma(r, g, b), axis=(-2, -1), keepdims=True)
+  return tuple(xp.clip(c * f + off, 0.0, 1.0) for c in (r, g, b))
+
+
+def _saturation(xp, r, g, b, f):
+  """Blend with the grayscale image."""
+  off = (1.0 - f) * _luma(r, g, b)
+  return tuple(xp.clip(c * f + off, 0.0, 1.0) for c in (r, g, b))
+
+
+def _hue(xp, r, g, b, shift):
+  """Rotate H in HSV: torchvision's rgb->hsv->rgb with the hsv->rgb step in closed form,
+  channel = V - C * clamp(min(k, 4 - k), 0, 1), k = (n + 6H) mod 6, n = 5, 3, 1 (C = V - min = V * S)."""
   maxc = xp.maximum(xp.maximum(r, g), b)
   chroma = maxc - xp.minimum(xp.minimum(r, g), b)
   div = xp.where(chroma > 0, chroma, 1.0)
   h6 = xp.where(maxc == r, (g - b) / div,
                 xp.where(maxc == g, 2.0 + (b - r) / div, 4.0 + (r - g) / div))
-  h6 = h6 + 6.0 * hue  # any value; the mod below wraps it
+  h6 = h6 + 6.0 * shift  # any value; the mod below wraps it
 
   def channel(n):
     k = _fmod6(h6 + n, xp)
     return maxc - chroma * xp.clip(xp.minimum(k, 4.0 - k), 0.0, 1.0)
 
   return channel(5.0), channel(3.0), channel(1.0)
+
+
+JITTER_OPS = (_brightness, _contrast, _saturation, _hue)   # the numbering of `order`
+
+
+def jitter_planes(xp, r, g, b, brightness, contrast, saturation, hue, order=None):
+  """ColorJitter on float planes in [0, 1], each op clamped.
+
+  Factors broadcast against the planes ([N, 1, 1] for a batch, scalars for one image). order: None = fixed
+  (brightness, contrast, saturation, hue); a length-4 sequence = that order (one image); an [N, 4] array =
+  a per-image order, applied as 4 rounds that each compute the 4 ops and keep the drawn one (XLA fuses the
+  rounds into a few elementwise passes).
+  """
+  factors = (brightness, contrast, saturation, hue)
+  if order is None:
+    order = range(4)
+  if np.ndim(order) == 1:
+    for k in order:
+      r, g, b = JITTER_OPS[int(k)](xp, r, g, b, factors[int(k)])
+    return r, g, b
+  # Per-image order (jax only): round j applies every op, each with its neutral factor (1, 1, 1, 0: the
+  # identity on [0, 1] images) except the op the image's order puts in slot j. The rounds are a fori_loop:
+  # unrolled, the 16 ops (4 hue rotations) took XLA minutes to compile; looped, the body is the fixed
+  # order's 4 ops. (A per-image select between the 4 candidate results miscompiled on XLA:CPU.)
+  def round_(j, planes):
+    slot = jax.lax.dynamic_index_in_dim(order, j, axis=1, keepdims=False)[:, None, None]
+    for k, (op, f) in enumerate(zip(JITTER_OPS, factors)):
+      planes = op(jnp, *planes, jnp.where(slot == k, f, 0.0 if k == 3 else 1.0))
+    return planes
+
+  return jax.lax.fori_loop(0, 4, round_, (r, g, b))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -225,8 +262,9 @@ def apply_params(images, params: dict, cfg, out_dtype=jnp.bfloat16):
   r, g, b = x[..., 0], x[..., 1], x[..., 2]
 
   # One elementwise pass (plus the contrast mean, a per-image reduction).
+  order = jnp.asarray(params["order"]) if _cfg(cfg, "jitter_order", "random") == "random" else None
   jr, jg, jb = jitter_planes(jnp, r, g, b, per_image(params["brightness"]), per_image(params["contrast"]),
-                             per_image(params["saturation"]), per_image(params["hue"]))
+                             per_image(params["saturation"]), per_image(params["hue"]), order)
   on = per_image(params["jitter"])
   r, g, b = jnp.where(on, jr, r), jnp.where(on, jg, g), jnp.where(on, jb, b)
   gray = per_image(params["gray"])
@@ -283,7 +321,8 @@ def host_augment(crops: np.ndarray, uniforms: np.ndarray, cfg) -> np.ndarray:
     r, g, b = x
     if p["jitter"][i]:
       f = lambda name: np.float32(p[name][i])
-      r, g, b = jitter_planes(np, r, g, b, f("brightness"), f("contrast"), f("saturation"), f("hue"))
+      order = p["order"][i] if _cfg(cfg, "jitter_order", "random") == "random" else None
+      r, g, b = jitter_planes(np, r, g, b, f("brightness"), f("contrast"), f("saturation"), f("hue"), order)
     if p["gray"][i]:
       r = g = b = _luma(r, g, b)
     x = np.stack([r, g, b]).astype(np.float32, copy=False)

@@ -35,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
   a.flip_p = 0.5
   a.jitter_p = 0.8
   a.jitter = (0.8, 0.8, 0.8, 0.2)  # brightness, contrast, saturation, hue
+  a.jitter_order = "random"      # random per image (torchvision ColorJitter) | fixed (b, c, s, h; cheaper)
   a.grayscale_p = 0.2
   a.blur_p = 0.5
   a.blur_sigma = (0.1, 2.0)

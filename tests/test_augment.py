@@ -28,7 +28,8 @@ def params(n, **kw):
   """Explicit parameters: everything off unless given."""
   p = dict(flip=np.zeros(n, bool), jitter=np.zeros(n, bool), brightness=np.ones(n, np.float32),
            contrast=np.ones(n, np.float32), saturation=np.ones(n, np.float32), hue=np.zeros(n, np.float32),
-           gray=np.zeros(n, bool), blur=np.zeros(n, bool), sigma=np.ones(n, np.float32))
+           gray=np.zeros(n, bool), blur=np.zeros(n, bool), sigma=np.ones(n, np.float32),
+           order=np.tile(np.arange(4, dtype=np.int32), (n, 1)))
   p.update({k: np.asarray(v) for k, v in kw.items()})
   return p
 
@@ -45,10 +46,12 @@ def torchvision_reference(img_u8, p, i, ksize):
   if p["flip"][i]:
     x = F.horizontal_flip(x)
   if p["jitter"][i]:
-    x = F.adjust_brightness(x, float(p["brightness"][i]))
-    x = F.adjust_contrast(x, float(p["contrast"][i]))
-    x = F.adjust_saturation(x, float(p["saturation"][i]))
-    x = F.adjust_hue(x, float(p["hue"][i]))
+    ops = [lambda t: F.adjust_brightness(t, float(p["brightness"][i])),
+           lambda t: F.adjust_contrast(t, float(p["contrast"][i])),
+           lambda t: F.adjust_saturation(t, float(p["saturation"][i])),
+           lambda t: F.adjust_hue(t, float(p["hue"][i]))]
+    for k in p["order"][i]:        # ColorJitter's random order (fn_idx)
+      x = ops[int(k)](x)
   if p["gray"][i]:
     x = F.rgb_to_grayscale(x, num_output_channels=3)
   if p["blur"][i]:
@@ -198,3 +201,28 @@ def test_host_augment_matches_device_ops():
   assert host.dtype == np.uint8 and host.shape == imgs.shape
   device = denorm(apply_f32(imgs, augment.params_from_uniforms(u, CFG)))
   np.testing.assert_allclose(host / 255.0, device, atol=0.5 / 255 + 1e-5)
+
+
+def test_jitter_in_random_orders_matches_torchvision():
+  size, n = 24, 8
+  imgs = smooth_images(n, size, seed=7)
+  rng = np.random.default_rng(7)
+  p = params(n, jitter=np.ones(n, bool), brightness=rng.uniform(0.2, 1.8, n), contrast=rng.uniform(0.2, 1.8, n),
+             saturation=rng.uniform(0.2, 1.8, n), hue=rng.uniform(-0.2, 0.2, n),
+             order=np.stack([rng.permutation(4) for _ in range(n)]).astype(np.int32))
+  got = np.asarray(apply_f32(imgs, p))
+  for i in range(n):
+    np.testing.assert_allclose(got[i], torchvision_reference(imgs[i], p, i, 3), atol=2e-4, err_msg=f"image {i}")
+  # The order matters (else this test could not tell): the fixed order gives other images.
+  fixed = dict(p, order=np.tile(np.arange(4, dtype=np.int32), (n, 1)))
+  assert np.abs(np.asarray(apply_f32(imgs, fixed)) - got).max() > 0.05
+
+
+def test_jitter_order_is_a_uniform_permutation():
+  keys = augment.crop_keys(0, 0, jnp.arange(6000), 1)[:, 0]
+  order = np.asarray(augment.augment_params(keys, CFG)["order"])
+  assert np.all(np.sort(order, axis=1) == np.arange(4))
+  first = np.bincount(order[:, 0], minlength=4) / len(order)
+  np.testing.assert_allclose(first, 0.25, atol=0.03)
+  perms = {tuple(o) for o in order}
+  assert len(perms) == 24

@@ -47,7 +47,8 @@ def parse_crops(crops) -> tuple[tuple[int, int, float, float], ...]:
 
 def _plain_augment_cfg(cfg) -> dict:
   # A plain dict pickles cheaply into the workers and does not need ml_collections there.
-  keys = ("flip_p", "jitter_p", "jitter", "grayscale_p", "blur_p", "blur_sigma", "blur_kernel_frac")
+  keys = ("flip_p", "jitter_p", "jitter", "jitter_order", "grayscale_p", "blur_p", "blur_sigma", "blur_kernel_size",
+          "blur_kernel_frac")
   return {k: cfg[k] for k in keys if k in cfg}
 
 
