@@ -120,9 +120,11 @@ def test_resume_on_four_devices(reference_run, tmp_path):
 
 
 def test_two_processes_equal_one_process(tmp_path):
-  # One epoch of 5 steps (batch 256): the two all-reduce orders (gloo across processes vs in-process)
-  # differ by float rounding, which early training amplifies ~4x a step; over 5 steps that stays < 1e-4.
-  extra = {"num_epochs": 1, "batch_size": 256}
+  # One epoch of 5 steps (batch 256), a checkpoint after every step. The two all-reduce orders (gloo across
+  # processes vs in-process) differ by float rounding, which training amplifies a few times a step, so the
+  # exact comparison is after the first step: one step moves the weights by ~3e-4 relative (LARC, lr 0.3),
+  # so any difference in what the step computed (data, statistics, gradients) would exceed rtol 1e-5.
+  extra = {"num_epochs": 1, "batch_size": 256, "checkpoint_every_steps": 1}
   one = str(tmp_path / "one")
   r = subprocess.run(cli_args(one, **extra), env=env(4), capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -135,12 +137,17 @@ def test_two_processes_equal_one_process(tmp_path):
   errs = [p.communicate(timeout=600)[1] for p in procs]
   assert all(p.returncode == 0 for p in procs), errs[0][-3000:] + errs[1][-3000:]
   assert "2 process(es), 4 device(s)" in errs[0]
+  # atol 1e-6: a Linear bias in front of BatchNorm has a true gradient of 0, so LARC scales pure rounding
+  # noise up to its trust-ratio step (~1e-7 here); a real difference moves conv weights by ~3e-5.
+  first = [final_params(os.path.join(w, "checkpoints", "1"))[0] for w in (one, two)]
+  for x, y in zip(*first):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
   a, ac, sa = final_params(one)
   b, bc, sb = final_params(two)
   assert sa == sb == 5
   for x, y in zip(a, b):
-    np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-4)
-  np.testing.assert_allclose(ac, bc, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(x, y, rtol=1e-2, atol=1e-3)
+  np.testing.assert_allclose(ac, bc, rtol=1e-2, atol=1e-3)
 
 
 def test_impossible_settings_fail_before_compiling():

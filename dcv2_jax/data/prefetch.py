@@ -35,28 +35,24 @@ class DevicePrefetcher:
         for batch in iterator:
           item = (sharding.local_batch_to_global(batch, mesh),
                   iterator.get_state() if hasattr(iterator, "get_state") else None)
-          while not self._stop.is_set():
-            try:
-              self._queue.put(item, timeout=0.1)
-              break
-            except queue.Full:
-              continue
-          if self._stop.is_set():
+          if not self._put(item):
             return
-        self._put_final(_END)
+        self._put(_END)
       except BaseException as e:  # pylint: disable=broad-except  (re-raised in the consumer)
-        self._put_final(_Raised(e))
+        self._put(_Raised(e))
 
     self._thread = threading.Thread(target=produce, name="device_prefetch", daemon=True)
     self._thread.start()
 
-  def _put_final(self, item):
+  def _put(self, item) -> bool:
+    """Blocks until `item` is queued (True) or close() was called (False); polls so close() never hangs."""
     while not self._stop.is_set():
       try:
         self._queue.put(item, timeout=0.1)
-        return
+        return True
       except queue.Full:
         continue
+    return False
 
   def __iter__(self):
     return self
