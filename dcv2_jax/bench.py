@@ -3,6 +3,7 @@
   python -m dcv2_jax.bench step        # full DCv2 train step, RN50 bf16, 2x224 | 2x160+4x96 | 2x224+6x96,
                                        # next to a plain supervised RN50 step measured in the same run
   python -m dcv2_jax.bench kmeans      # all heads at ImageNet scale (1,281,167 x 128, 3 x 3000, 10 iters)
+  python -m dcv2_jax.bench augment     # on-device colour augmentation alone: 512@224, 256@224, 1536@96
   python -m dcv2_jax.bench pipeline    # input pipeline samples/s per CPU core (dcv2_jax.data.benchmark)
   python -m dcv2_jax.bench step --quick   # tiny sizes (CPU smoke test)
 
@@ -62,13 +63,14 @@ def _time(fn, state, args, steps: int, warmup: int):
 
 
 def bench_dcv2_step(crops, batch: int, depth: int, base_width: int, dtype: str, steps: int, warmup: int,
-                    num_clusters: int, bank_steps: int) -> dict:
+                    num_clusters: int, bank_steps: int, jitter_order: str = "random") -> dict:
   from dcv2_jax import train_step as ts
   from dcv2_jax.config import base_config
   from dcv2_jax.sharding import local_batch_to_global, make_mesh
   c = base_config()
   c.batch_size, c.num_epochs = batch, 10
   c.data.crops = crops
+  c.augment.jitter_order = jitter_order
   c.model.depth, c.model.base_width, c.model.dtype = depth, base_width, dtype
   c.model.head_dims = (max(8 * base_width, 16) * 4, 128) if base_width < 64 else (2048, 128)
   c.loss.num_clusters = (num_clusters,) * 3
@@ -132,8 +134,27 @@ def bench_supervised_step(batch: int, size: int, depth: int, base_width: int, dt
           "peak_mem_gb": _peak_gb()}
 
 
+def bench_augment(count: int, size: int, jitter_order: str, dtype: str, steps: int, warmup: int) -> dict:
+  """`augment.device_augment` alone on `count` uint8 crops of `size` (the step's colour ops, with the
+  default config's probabilities): flip, jitter in random or fixed order, grayscale, blur, normalisation."""
+  from dcv2_jax import augment
+  from dcv2_jax.config import base_config
+  from dcv2_jax.sharding import batch_sharded, make_mesh
+  cfg = base_config().augment
+  cfg.jitter_order = jitter_order
+  mesh = make_mesh()
+  images = jax.device_put(np.random.default_rng(0).integers(0, 256, (count, size, size, 3), dtype=np.uint8),
+                          batch_sharded(mesh))
+  # The keys change every call (a counter in the carried state), so no call can be served from a cache.
+  fn = jax.jit(lambda i, x: (i + 1, augment.device_augment(
+      x, jax.random.split(jax.random.fold_in(jax.random.key(0), i), count), cfg, jnp.dtype(dtype))))
+  compile_s, ms = _time(fn, jnp.int32(0), (images,), steps, warmup)
+  return {"crops": count, "size": size, "jitter_order": jitter_order, "ms": round(ms, 3),
+          "ms_per_512_at_224": round(ms * 512 / count * (224 / size) ** 2, 3), "compile_s": round(compile_s, 1)}
+
+
 def bench_kmeans(n: int, dim: int, heads: int, k: int, iters: int, chunk: int, dtype: str, batch: int,
-                 sums: str = "scatter") -> dict:
+                 sums: str = "scatter", assign: str = "xla") -> dict:
   """All heads as the trainer runs them (memory_bank.cluster on a sharded bank of ~n rows)."""
   from dcv2_jax import memory_bank
   from dcv2_jax.sharding import make_mesh
@@ -147,7 +168,7 @@ def bench_kmeans(n: int, dim: int, heads: int, k: int, iters: int, chunk: int, d
   shards = mesh.devices.size if batch % mesh.devices.size == 0 else 1
   run = jax.jit(lambda b, key: memory_bank.cluster(key, b, (k,) * heads, iters, steps * batch, crops_for_mb_count=2,
                                                   chunk_size=chunk, shards=shards, compute_dtype=dtype,
-                                                  sums=sums)[:2])
+                                                  sums=sums, assign=assign, mesh=mesh)[:2])
   t0 = time.perf_counter()
   jax.block_until_ready(run(bank, jax.random.key(1)))
   compile_s = time.perf_counter() - t0
@@ -157,7 +178,7 @@ def bench_kmeans(n: int, dim: int, heads: int, k: int, iters: int, chunk: int, d
     jax.block_until_ready(run(bank, jax.random.key(2 + i)))
     times.append(time.perf_counter() - t0)
   return {"rows": steps * batch, "dim": dim, "heads": heads, "clusters": k, "iters": iters, "chunk": chunk,
-          "dtype": dtype, "sums": sums, "seconds": round(min(times), 4), "compile_s": round(compile_s, 1),
+          "dtype": dtype, "sums": sums, "assign": assign, "seconds": round(min(times), 4), "compile_s": round(compile_s, 1),
           "peak_mem_gb": _peak_gb()}
 
 
@@ -173,17 +194,21 @@ def _emit(record: dict) -> dict:
 def main(argv=None) -> list[dict]:
   ap = argparse.ArgumentParser(prog="python -m dcv2_jax.bench", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("what", choices=("step", "kmeans", "pipeline"))
+  ap.add_argument("what", choices=("step", "kmeans", "augment", "pipeline"))
   ap.add_argument("--quick", action="store_true", help="tiny sizes: a CPU smoke run")
   ap.add_argument("--crops", default=",".join(CROPS), help=f"step: comma-separated of {', '.join(CROPS)}")
   ap.add_argument("--batch", type=int, default=128, help="step: samples per step (DCv2)")
   ap.add_argument("--baseline_batch", type=int, default=256, help="step: images per supervised step")
+  ap.add_argument("--jitter_orders", default="random",
+                  help="step, augment: comma-separated of random (torchvision's order per image), fixed")
   ap.add_argument("--dtype", default="bfloat16")
   ap.add_argument("--steps", type=int, default=20)
   ap.add_argument("--warmup", type=int, default=5)
   ap.add_argument("--kmeans_rows", type=int, default=1_281_167)
   ap.add_argument("--kmeans_dtypes", default="float32,bfloat16")
   ap.add_argument("--kmeans_sums", default="scatter,onehot")
+  ap.add_argument("--kmeans_assign", default="xla,pallas",
+                  help="kmeans: xla (matmul + argmax), pallas (fused kernel; interpreted, slowly, off GPU)")
   ap.add_argument("--chunk", type=int, default=65536)
   ap.add_argument("--trace", default="", help="step: write a jax.profiler trace of the timed steps here")
   args, rest = ap.parse_known_args(argv)
@@ -195,6 +220,7 @@ def main(argv=None) -> list[dict]:
     return benchmark.main((["--quick"] if args.quick else []) + rest)
   if rest:
     ap.error(f"unknown arguments {rest}")
+  orders = [o for o in args.jitter_orders.split(",") if o]
   if args.what == "step":
     depth, width, scale = (18, 8, 1 / 7) if args.quick else (50, 64, 1.0)
     batch, base_batch = (8, 8) if args.quick else (args.batch, args.baseline_batch)
@@ -204,18 +230,27 @@ def main(argv=None) -> list[dict]:
     results.append(_emit({"bench": "supervised_step", "batch": base_batch, "size": size(224), "depth": depth,
                           "dtype": args.dtype, **base}))
     for name in [c for c in args.crops.split(",") if c]:
-      crops = tuple((size(s), n, lo, hi) for s, n, lo, hi in CROPS[name])
-      r = bench_dcv2_step(crops, batch, depth, width, args.dtype, steps, warmup,
-                          num_clusters=30 if args.quick else 3000, bank_steps=4 if args.quick else 100)
-      r["vs_supervised_img224"] = round(r["img224_per_s"] / base["img224_per_s"], 3)
-      results.append(_emit({"bench": "dcv2_step", "crops": name, "batch": batch, "depth": depth,
-                            "dtype": args.dtype, **r}))
+      for order in orders:
+        crops = tuple((size(s), n, lo, hi) for s, n, lo, hi in CROPS[name])
+        r = bench_dcv2_step(crops, batch, depth, width, args.dtype, steps, warmup,
+                            num_clusters=30 if args.quick else 3000, bank_steps=4 if args.quick else 100,
+                            jitter_order=order)
+        r["vs_supervised_img224"] = round(r["img224_per_s"] / base["img224_per_s"], 3)
+        results.append(_emit({"bench": "dcv2_step", "crops": name, "jitter_order": order, "batch": batch,
+                              "depth": depth, "dtype": args.dtype, **r}))
+  elif args.what == "augment":
+    cases = ((16, 32), (48, 16)) if args.quick else ((512, 224), (256, 224), (1536, 96))
+    steps, warmup = (2, 1) if args.quick else (args.steps, args.warmup)
+    for count, size in cases:
+      for order in orders:
+        results.append(_emit({"bench": "augment", **bench_augment(count, size, order, args.dtype, steps, warmup)}))
   else:
     rows, k, batch = (4096, 32, 256) if args.quick else (args.kmeans_rows, 3000, 4096)
-    for dtype in args.kmeans_dtypes.split(","):
-      for sums in args.kmeans_sums.split(","):
-        results.append(_emit({"bench": "kmeans", **bench_kmeans(rows, 128, 3, k, 10, min(args.chunk, rows), dtype,
-                                                                batch, sums)}))
+    for assign in args.kmeans_assign.split(","):
+      for dtype in args.kmeans_dtypes.split(","):
+        for sums in args.kmeans_sums.split(","):
+          results.append(_emit({"bench": "kmeans", **bench_kmeans(rows, 128, 3, k, 10, min(args.chunk, rows), dtype,
+                                                                  batch, sums, assign)}))
   return results
 
 

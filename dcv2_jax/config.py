@@ -68,6 +68,8 @@ def base_config() -> ml_collections.ConfigDict:
   l.kmeans_chunk = 65536         # bank rows per assignment chunk (memory: chunk x K floats)
   l.kmeans_dtype = "float32"     # matmul inputs of k-means: float32 (TF32 on GPU) | bfloat16 (faster)
   l.kmeans_sums = "scatter"      # cluster sums: scatter (add rows) | onehot (one-hot matmul)
+  l.kmeans_assign = "xla"        # nearest centroid: xla (matmul + argmax) | pallas (fused GPU kernel, no scores
+                                 # in memory; interpreted, slowly, on CPU)
   l.empty_clusters = "keep"      # keep (reference) | reseed (from the rows farthest from their centroid)
 
   # --- optimizer (dcv2_jax/optim.py) ---
@@ -162,6 +164,8 @@ def validate(config, num_examples: int, steps_per_epoch: int, num_devices: int, 
     problems.append(f"optim.name={config.optim.name!r}: choose larc, lars or sgd")
   if l.kmeans_sums not in ("scatter", "onehot"):
     problems.append(f"loss.kmeans_sums={l.kmeans_sums!r}: choose scatter or onehot")
+  if l.kmeans_assign not in ("xla", "pallas"):
+    problems.append(f"loss.kmeans_assign={l.kmeans_assign!r}: choose xla or pallas")
   if l.kmeans_dtype not in ("float32", "bfloat16"):
     problems.append(f"loss.kmeans_dtype={l.kmeans_dtype!r}: choose float32 or bfloat16")
   if l.empty_clusters not in ("keep", "reseed"):

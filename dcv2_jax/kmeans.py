@@ -12,7 +12,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from dcv2_jax import kmeans_kernel
 from dcv2_jax.loss import IGNORE
 
 
@@ -60,8 +62,33 @@ def _cluster_sums(x, a, k, method, precision):
   return per_shard(x, ids)
 
 
-def _assign_pass(chunks, valid_chunks, centroids, precision, with_sums: bool, sums_method: str = "scatter"):
-  """One pass over the bank: assignments [M, P, c], best scores, and (optionally) per-cluster sums/counts.
+def _nearest(x, centroids, precision, assign: str, mesh):
+  """(argmax, max) over clusters of the scores of x [P, c, D] against centroids [K, D], each [P, c].
+
+  'xla': an einsum then argmax/max (XLA writes the [P, c, K] scores to memory and reads them back);
+  'pallas': the fused kernel of kmeans_kernel (GPU), split over `mesh` with shard_map when the shard axis
+  lines up with the devices (a custom kernel is opaque to XLA's partitioner, which would gather the rows).
+  """
+  if assign == "xla":
+    scores = jnp.einsum("pcd,kd->pck", x, centroids, precision=precision, preferred_element_type=jnp.float32)
+    return jnp.argmax(scores, axis=-1).astype(jnp.int32), jnp.max(scores, axis=-1)
+
+  def per_device(xs, c):
+    a, best = kmeans_kernel.nearest(xs.reshape(-1, xs.shape[-1]), c, precision=precision)
+    return a.reshape(xs.shape[:2]), best.reshape(xs.shape[:2])
+
+  if mesh is not None and mesh.size > 1 and x.shape[0] % mesh.size == 0:
+    axis = mesh.axis_names
+    return jax.shard_map(per_device, mesh=mesh, in_specs=(P(axis), P()), out_specs=(P(axis), P(axis)),
+                         check_vma=False)(x, centroids)
+  return per_device(x, centroids)
+
+
+def _assign_pass(chunks, valid_chunks, centroids, precision, *, with_sums: bool, want_best: bool,
+                 sums_method: str = "scatter", assign: str = "xla", mesh=None):
+  """One pass over the bank: assignments [M, P, c] (only without sums), best scores [M, P, c] (if
+  want_best), and (with_sums) the per-cluster sums [K, D] and counts [K]. Outputs nobody reads are not
+  built, so the update passes write nothing per row.
 
   The score matmul takes the bank's dtype (float32, or bfloat16 for speed) and accumulates in float32.
   """
@@ -71,23 +98,20 @@ def _assign_pass(chunks, valid_chunks, centroids, precision, with_sums: bool, su
 
   def body(carry, xs):
     x, v = xs                                                   # [P,c,D], [P,c]
-    scores = jnp.einsum("pcd,kd->pck", x, centroids, precision=precision,
-                        preferred_element_type=jnp.float32)
-    a = jnp.argmax(scores, axis=-1).astype(jnp.int32)
-    best = jnp.where(v, jnp.max(scores, axis=-1), jnp.inf)
+    a, best = _nearest(x, centroids, precision, assign, mesh)
     a = jnp.where(v, a, IGNORE)
     if with_sums:
       # Per-shard accumulators: the sum over shards (a cross-device all-reduce) waits until after the scan.
       s, n = _cluster_sums(x, a, k, sums_method, precision)
       carry = (carry[0] + s, carry[1] + n)
-    return carry, (a, best)
+    return carry, (None if with_sums else a, jnp.where(v, best, jnp.inf) if want_best else None)
 
   init = (jnp.zeros((shards, k, d), jnp.float32), jnp.zeros((shards, k), jnp.float32)) if with_sums else None
-  carry, (assign, best) = jax.lax.scan(body, init, (chunks, valid_chunks))
+  carry, (labels, best) = jax.lax.scan(body, init, (chunks, valid_chunks))
   if with_sums:
     sums, counts = carry
-    return assign, best, sums.sum(0), counts.sum(0)
-  return assign, best, None, None
+    return labels, best, sums.sum(0), counts.sum(0)
+  return labels, best, None, None
 
 
 def _reseed_empty(centroids, counts, chunks, best):
@@ -104,18 +128,23 @@ def _reseed_empty(centroids, counts, chunks, best):
 
 
 @functools.partial(jax.jit, static_argnames=("num_iters", "chunk_size", "shards", "empty_clusters", "precision",
-                                             "compute_dtype", "sums"))
+                                             "compute_dtype", "sums", "assign", "mesh"))
 def lloyd(bank, centroids, num_iters: int, valid=None, *, chunk_size: int = 65536, shards: int | None = None,
-          empty_clusters: str = "keep", precision=None, compute_dtype: str = "float32", sums: str = "scatter"):
+          empty_clusters: str = "keep", precision=None, compute_dtype: str = "float32", sums: str = "scatter",
+          assign: str = "xla", mesh=None):
   """Spherical k-means: `num_iters` update steps and `num_iters + 1` assignment steps.
 
   bank [N, D] unit rows; centroids [K, D] initial. An update sets each centroid to the L2-normalised
   mean of its members; a cluster with no members keeps its centroid (empty_clusters='keep', as the
   reference) or is moved onto a far-away row ('reseed'). valid [N] bool masks padding rows: their
   assignment is -100 and they count nowhere. Returns (centroids [K, D], assignments [N] int32).
+  assign: 'xla' (matmul + argmax) or 'pallas' (one fused GPU kernel, kmeans_kernel; interpreted elsewhere);
+  mesh: the mesh the bank is split over, so the 'pallas' kernel runs per device.
   """
   if empty_clusters not in ("keep", "reseed"):
     raise ValueError(f"empty_clusters={empty_clusters!r}: use 'keep' or 'reseed'")
+  if assign not in ("xla", "pallas"):
+    raise ValueError(f"assign={assign!r}: use 'xla' or 'pallas'")
   n = bank.shape[0]
   shards = _default_shards(n) if shards is None else shards
   valid = jnp.ones((n,), bool) if valid is None else valid.astype(bool)
@@ -126,7 +155,9 @@ def lloyd(bank, centroids, num_iters: int, valid=None, *, chunk_size: int = 6553
   centroids = centroids.astype(jnp.float32)
 
   def update(_, c):
-    _, best, total, counts = _assign_pass(chunks, valid_chunks, c, precision, with_sums=True, sums_method=sums)
+    _, best, total, counts = _assign_pass(chunks, valid_chunks, c, precision, with_sums=True,
+                                          want_best=empty_clusters == "reseed", sums_method=sums,
+                                          assign=assign, mesh=mesh)
     new = total / jnp.maximum(jnp.linalg.norm(total, axis=-1, keepdims=True), 1e-12)
     new = jnp.where((counts > 0)[:, None], new, c)
     if empty_clusters == "reseed":
@@ -134,7 +165,8 @@ def lloyd(bank, centroids, num_iters: int, valid=None, *, chunk_size: int = 6553
     return new
 
   centroids = jax.lax.fori_loop(0, num_iters, update, centroids)
-  assign, _, _, _ = _assign_pass(chunks, valid_chunks, centroids, precision, with_sums=False)
+  labels, _, _, _ = _assign_pass(chunks, valid_chunks, centroids, precision, with_sums=False, want_best=False,
+                                 assign=assign, mesh=mesh)
   # [M, P, c] -> [P, M*c] -> drop per-shard padding -> [N]
-  assign = jnp.moveaxis(assign, 0, 1).reshape(shards, -1)[:, :local].reshape(n)
-  return centroids, assign
+  labels = jnp.moveaxis(labels, 0, 1).reshape(shards, -1)[:, :local].reshape(n)
+  return centroids, labels

@@ -62,7 +62,7 @@ def assignment_table(assignments, index, num_examples: int):
 
 def cluster(key, bank: MemoryBank, num_clusters, num_iters: int, num_examples: int, *,
             crops_for_mb_count: int, chunk_size: int = 65536, empty_clusters: str = "keep", shards=None,
-            precision=None, compute_dtype: str = "float32", sums: str = "scatter"):
+            precision=None, compute_dtype: str = "float32", sums: str = "scatter", assign: str = "xla", mesh=None):
   """k-means for every head (head h clusters bank h % banks), one after the other as the reference.
 
   Returns (centroids [H, K, D], table [H, num_examples], cluster sizes [H, K]).
@@ -75,7 +75,8 @@ def cluster(key, bank: MemoryBank, num_clusters, num_iters: int, num_examples: i
     ok = valid & jnp.all(jnp.isfinite(data), axis=-1)     # defensive: a NaN row would poison every centroid
     init = kmeans.init_centroids(jax.random.fold_in(key, h), data, k, ok)
     c, a = kmeans.lloyd(data, init, num_iters, ok, chunk_size=chunk_size, shards=shards,
-                        empty_clusters=empty_clusters, precision=precision, compute_dtype=compute_dtype, sums=sums)
+                        empty_clusters=empty_clusters, precision=precision, compute_dtype=compute_dtype, sums=sums,
+                        assign=assign, mesh=mesh)
     centroids.append(c)
     assigns.append(a)
     # -100 -> index k, out of range, dropped (a negative index would wrap around instead).

@@ -53,6 +53,7 @@ class StepSpec:
   empty_clusters: str
   kmeans_dtype: str
   kmeans_sums: str
+  kmeans_assign: str
   seed: int
   augment_cfg: Any
   compute_dtype: Any
@@ -78,7 +79,7 @@ def make_spec(config, num_examples: int, steps_per_epoch: int, num_devices=None,
       embedding_dim=int(config.model.head_dims[-1]), temperature=float(config.loss.temperature),
       kmeans_iters=int(config.loss.kmeans_iters), kmeans_chunk=int(config.loss.kmeans_chunk),
       empty_clusters=config.loss.empty_clusters, kmeans_dtype=config.loss.kmeans_dtype,
-      kmeans_sums=config.loss.kmeans_sums, seed=int(config.seed),
+      kmeans_sums=config.loss.kmeans_sums, kmeans_assign=config.loss.kmeans_assign, seed=int(config.seed),
       augment_cfg=config.augment,
       compute_dtype=DTYPES[config.model.dtype], loss_scale_init=float(config.optim.loss_scale),
       loss_scale_period=int(config.optim.loss_scale_period))
@@ -220,11 +221,12 @@ def bank_init_step(spec: StepSpec, state: TrainState, batch, slot):
 # ----------------------------------------------------------------------------------------------------
 # k-means at the start of every epoch
 # ----------------------------------------------------------------------------------------------------
-def kmeans_step(spec: StepSpec, state: TrainState, key, shards=None):
+def kmeans_step(spec: StepSpec, state: TrainState, key, shards=None, mesh=None):
   centroids, table, sizes = memory_bank.cluster(
       key, state.bank, spec.num_clusters, spec.kmeans_iters, spec.num_examples,
       crops_for_mb_count=len(spec.crops_for_mb), chunk_size=spec.kmeans_chunk,
-      empty_clusters=spec.empty_clusters, shards=shards, compute_dtype=spec.kmeans_dtype, sums=spec.kmeans_sums)
+      empty_clusters=spec.empty_clusters, shards=shards, compute_dtype=spec.kmeans_dtype, sums=spec.kmeans_sums,
+      assign=spec.kmeans_assign, mesh=mesh)
   return state.replace(centroids=centroids, table=table), sizes
 
 
@@ -251,6 +253,6 @@ def compile_for_mesh(spec: StepSpec, mesh) -> Compiled:
                          out_shardings=(ss, rep), donate_argnums=0),
       bank_init_step=jax.jit(lambda s, b, i: bank_init_step(spec, s, b, i), in_shardings=(ss, data, rep),
                              out_shardings=ss, donate_argnums=0),
-      kmeans_step=jax.jit(lambda s, k: kmeans_step(spec, s, k, shards), in_shardings=(ss, rep),
+      kmeans_step=jax.jit(lambda s, k: kmeans_step(spec, s, k, shards, mesh), in_shardings=(ss, rep),
                           out_shardings=(ss, rep), donate_argnums=0),
       state_sharding=ss)

@@ -20,6 +20,18 @@ def test_step_bench_prints_figures(capsys):
 def test_kmeans_bench_prints_figures(capsys):
   bench.main(["kmeans", "--quick", "--kmeans_dtypes", "float32"])
   lines = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
-  assert sorted(r["sums"] for r in lines) == ["onehot", "scatter"]
+  assert sorted((r["assign"], r["sums"]) for r in lines) == [("pallas", "onehot"), ("pallas", "scatter"),
+                                                             ("xla", "onehot"), ("xla", "scatter")]
   line = lines[0]
   assert line["bench"] == "kmeans" and line["heads"] == 3 and line["seconds"] > 0 and line["rows"] == 4096
+
+
+def test_augment_bench_prints_figures(capsys):
+  bench.main(["augment", "--quick", "--jitter_orders", "random,fixed"])
+  lines = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+  assert [(r["crops"], r["size"], r["jitter_order"]) for r in lines] == [
+      (16, 32, "random"), (16, 32, "fixed"), (48, 16, "random"), (48, 16, "fixed")]
+  for r in lines:
+    assert r["ms"] > 0
+    # the per-512@224 figure scales the time by crop count and pixel count
+    assert abs(r["ms_per_512_at_224"] - r["ms"] * 512 / r["crops"] * (224 / r["size"]) ** 2) < 0.01 * r["ms_per_512_at_224"]

@@ -45,3 +45,11 @@ def test_bad_step_intervals():
   c.log_every_steps = 0
   with pytest.raises(config_lib.ConfigError, match="log_every_steps=0"):
     config_lib.validate(c, 10000, 2, num_devices=8, num_processes=1)
+
+
+def test_bad_kmeans_choices_all_reported():
+  c = config_lib.base_config()
+  c.loss.kmeans_assign, c.loss.kmeans_sums = "triton", "matmul"
+  with pytest.raises(config_lib.ConfigError) as err:
+    config_lib.validate(c, 10000, 2, num_devices=8, num_processes=1)
+  assert "loss.kmeans_assign='triton'" in str(err.value) and "loss.kmeans_sums='matmul'" in str(err.value)

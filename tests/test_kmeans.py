@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dcv2_jax import kmeans, memory_bank
+from dcv2_jax import kmeans, kmeans_kernel, memory_bank
 from dcv2_jax.sharding import make_mesh
 
 
@@ -32,8 +32,10 @@ def blobs(rng, n, d, k):
   return unit(centers[rng.integers(0, k, n)] + 0.3 * rng.normal(size=(n, d))).astype(np.float32)
 
 
-@pytest.mark.parametrize("chunk,sums", [(7, "scatter"), (64, "scatter"), (1000, "scatter"), (64, "onehot")])
-def test_lloyd_matches_reference_with_padding(chunk, sums):
+@pytest.mark.parametrize("chunk,sums,assign", [(7, "scatter", "xla"), (64, "scatter", "xla"),
+                                               (1000, "scatter", "xla"), (64, "onehot", "xla"),
+                                               (64, "scatter", "pallas")])
+def test_lloyd_matches_reference_with_padding(chunk, sums, assign):
   rng = np.random.default_rng(0)
   bank = np.abs(blobs(rng, 200, 8, 6))      # positive orthant: a negative centroid wins no row
   valid = rng.random(200) > 0.2
@@ -41,7 +43,7 @@ def test_lloyd_matches_reference_with_padding(chunk, sums):
   # Far-away initial centroid: nothing is assigned to it -> empty cluster must keep it.
   init[3] = -unit(np.ones(8))
   got_c, got_a = kmeans.lloyd(jnp.asarray(bank), jnp.asarray(init), 5, jnp.asarray(valid), chunk_size=chunk,
-                              sums=sums)
+                              sums=sums, assign=assign)
   ref_c, ref_a = reference_lloyd(bank, init, 5, valid)
   np.testing.assert_array_equal(np.asarray(got_a), ref_a)
   np.testing.assert_allclose(np.asarray(got_c), ref_c, atol=1e-5)
@@ -72,8 +74,8 @@ def test_reseed_fills_empty_clusters():
   np.testing.assert_allclose(np.linalg.norm(np.asarray(c), axis=1), 1.0, atol=1e-5)
 
 
-@pytest.mark.parametrize("sums", ["scatter", "onehot"])
-def test_sharded_bank_equals_single_device(sums):
+@pytest.mark.parametrize("sums,assign", [("scatter", "xla"), ("onehot", "xla"), ("scatter", "pallas")])
+def test_sharded_bank_equals_single_device(sums, assign):
   rng = np.random.default_rng(3)
   bank = blobs(rng, 8 * 40, 16, 12)
   valid = rng.random(320) > 0.1
@@ -81,7 +83,8 @@ def test_sharded_bank_equals_single_device(sums):
   mesh = make_mesh()
   sharded = jax.device_put(bank, NamedSharding(mesh, P("data", None)))
   sv = jax.device_put(valid, NamedSharding(mesh, P("data")))
-  c8, a8 = kmeans.lloyd(sharded, jnp.asarray(init), 6, sv, chunk_size=16, shards=8, sums=sums)
+  c8, a8 = kmeans.lloyd(sharded, jnp.asarray(init), 6, sv, chunk_size=16, shards=8, sums=sums, assign=assign,
+                        mesh=mesh)
   one = jax.devices()[0]
   c1, a1 = kmeans.lloyd(jax.device_put(bank, one), jax.device_put(init, one), 6, jax.device_put(valid, one),
                         chunk_size=16, shards=1, sums=sums)
@@ -90,8 +93,38 @@ def test_sharded_bank_equals_single_device(sums):
   assert len(c8.sharding.device_set) == 8
   # Rows never leave their device: no all-gather or all-to-all in the compiled program, only the
   # all-reduce of the [K, D] sums (and of the counts).
-  hlo = kmeans.lloyd.lower(sharded, jnp.asarray(init), 6, sv, chunk_size=16, shards=8, sums=sums).compile().as_text()
+  hlo = kmeans.lloyd.lower(sharded, jnp.asarray(init), 6, sv, chunk_size=16, shards=8, sums=sums, assign=assign,
+                           mesh=mesh).compile().as_text()
   assert "all-gather" not in hlo and "all-to-all" not in hlo and "all-reduce" in hlo
+
+
+@pytest.mark.parametrize("n,k,d,block_rows,block_k", [(300, 200, 128, 64, 128), (77, 129, 100, 16, 32),
+                                                       (5, 3, 7, 64, 128)])
+def test_fused_nearest_matches_float64(n, k, d, block_rows, block_k):
+  """The fused kernel (interpreted on CPU) gives argmax/max of the float64 scores; ties go to the lowest
+  index, also across centroid blocks."""
+  rng = np.random.default_rng(10)
+  x = rng.normal(size=(n, d)).astype(np.float32)
+  c = rng.normal(size=(k, d)).astype(np.float32)
+  c[k - 1] = c[min(1, k - 2)]                            # a duplicate in a later block: a tie it must lose
+  a, best = kmeans_kernel.nearest(jnp.asarray(x), jnp.asarray(c), block_rows=block_rows, block_k=block_k,
+                                  precision=jax.lax.Precision.HIGHEST)
+  scores = x.astype(np.float64) @ c.astype(np.float64).T
+  np.testing.assert_array_equal(np.asarray(a), scores.argmax(1))
+  np.testing.assert_allclose(np.asarray(best), scores.max(1), atol=1e-4)
+  assert np.asarray(a).max() < k - 1 or k < 3            # the later duplicate never wins
+
+
+def test_fused_nearest_bfloat16_inputs():
+  rng = np.random.default_rng(11)
+  x = unit(rng.normal(size=(256, 32))).astype(np.float32)
+  c = unit(rng.normal(size=(50, 32))).astype(np.float32)
+  a, best = kmeans_kernel.nearest(jnp.asarray(x, jnp.bfloat16), jnp.asarray(c))
+  xb = np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), np.float64)
+  cb = np.asarray(jnp.asarray(c, jnp.bfloat16).astype(jnp.float32), np.float64)
+  ref = xb @ cb.T                                        # the bf16-rounded inputs, products summed in fp32+
+  np.testing.assert_allclose(np.asarray(best), ref.max(1), atol=1e-5)
+  np.testing.assert_array_equal(ref[np.arange(256), np.asarray(a)], ref.max(1))
 
 
 def test_init_centroids_valid_distinct_and_deterministic():

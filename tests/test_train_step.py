@@ -119,10 +119,18 @@ def test_bank_init_pass_then_kmeans_then_step():
   idx = np.asarray(state.bank.index)
   np.testing.assert_array_equal(np.sort(idx.ravel()), np.arange(STEPS * B))
   np.testing.assert_allclose(np.linalg.norm(np.asarray(state.bank.z), axis=-1), 1.0, atol=1e-5)
+  # The fused assignment kernel (loss.kmeans_assign=pallas, run per device) gives the same clustering.
+  c = tiny_config()
+  c.loss.kmeans_assign = "pallas"
+  fused = ts.compile_for_mesh(ts.make_spec(c, N, STEPS, num_devices=8, local_devices=8), mesh)
+  fused_state, fused_sizes = fused.kmeans_step(jax.tree.map(jnp.copy, state), jax.random.key(1))
   state, sizes = comp.kmeans_step(state, jax.random.key(1))
   table = np.asarray(state.table)
   assert np.all(table[:, :STEPS * B] >= 0) and np.all(table[:, STEPS * B:] == -100)
   assert np.asarray(sizes).sum(axis=1).tolist() == [STEPS * B] * 3
+  np.testing.assert_array_equal(np.asarray(fused_state.table), table)
+  np.testing.assert_array_equal(np.asarray(fused_sizes), np.asarray(sizes))
+  np.testing.assert_allclose(np.asarray(fused_state.centroids), np.asarray(state.centroids), atol=1e-5)
   state, m = comp.train_step(state, local_batch_to_global(random_batch(rng, 0), mesh))
   assert np.isfinite(float(m["loss"])) and float(m["loss"]) > 0
 
