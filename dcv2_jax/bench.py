@@ -4,7 +4,9 @@
                                        # next to a plain supervised RN50 step measured in the same run
   python -m dcv2_jax.bench kmeans      # all heads at ImageNet scale (1,281,167 x 128, 3 x 3000, 10 iters)
   python -m dcv2_jax.bench augment     # on-device colour augmentation alone: 512@224, 256@224, 1536@96
+  python -m dcv2_jax.bench assign      # one nearest-centroid pass: XLA vs the fused kernel's block configs
   python -m dcv2_jax.bench pipeline    # input pipeline samples/s per CPU core (dcv2_jax.data.benchmark)
+  python -m dcv2_jax.bench all         # the GPU check: the cases above that matter most, most important first
   python -m dcv2_jax.bench step --quick   # tiny sizes (CPU smoke test)
 
 Everything runs on synthetic data already on the device (uint8 crops for the DCv2 step), so the figures
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import jax
@@ -182,6 +185,41 @@ def bench_kmeans(n: int, dim: int, heads: int, k: int, iters: int, chunk: int, d
           "peak_mem_gb": _peak_gb()}
 
 
+def bench_assign(n: int, dim: int, k: int, dtype: str, configs, steps: int) -> list[dict]:
+  """One nearest-centroid pass over n rows (k-means runs 33 of them for 3 heads x 11 assignment steps):
+  XLA's matmul + argmax (chunked as lloyd does) next to the fused kernel at each (block_rows, block_k,
+  num_warps, num_stages) in `configs`, all on the same data."""
+  from dcv2_jax import kmeans, kmeans_kernel
+  x = _unit(jax.random.normal(jax.random.key(0), (n, dim))).astype(dtype)
+  c = _unit(jax.random.normal(jax.random.key(1), (k, dim)))
+  xla = jax.jit(lambda x, c: kmeans._nearest(x[None], c.astype(x.dtype), None, "xla", None)) if n <= 65536 else \
+      jax.jit(lambda x, c: jax.lax.map(lambda xs: kmeans._nearest(xs[None], c.astype(x.dtype), None, "xla", None),
+                                       x[:n // 65536 * 65536].reshape(-1, 65536, dim)))
+  cases = [("xla", None, xla)] + [
+      (f"pallas {br}x{bk} w{nw} s{ns}", (br, bk, nw, ns),
+       jax.jit(lambda x, c, cfg=(br, bk, nw, ns): kmeans_kernel.nearest(
+           x, c, block_rows=cfg[0], block_k=cfg[1], num_warps=cfg[2], num_stages=cfg[3])))
+      for br, bk, nw, ns in configs]
+  rows = n if n <= 65536 else n // 65536 * 65536
+  out, ref = [], None
+  for name, cfg, fn in cases:
+    record = {"bench": "assign", "rows": rows, "dim": dim, "clusters": k, "dtype": dtype, "method": name}
+    try:
+      labels = jax.block_until_ready(fn(x, c))[0]
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        jax.block_until_ready(fn(x, c))
+      ms = (time.perf_counter() - t0) / steps * 1e3
+      labels = np.asarray(labels).reshape(-1)[:rows]
+      ref = labels if ref is None else ref
+      record.update(ms=round(ms, 3), kmeans_3_heads_s=round(ms * 33 / 1e3 * n / rows, 3),
+                    agree_with_xla=round(float((labels == ref).mean()), 5))
+    except Exception as e:   # a kernel configuration the compiler rejects: report it, go on with the rest
+      record["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    out.append(_emit(record))
+  return out
+
+
 def _unit(x):
   return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
@@ -191,10 +229,23 @@ def _emit(record: dict) -> dict:
   return record
 
 
+# `bench all`, in priority order (every line is printed as soon as it is measured, so a run cut short by a
+# time limit still reports what it reached): the fused k-means kernel, the 2x224 step next to the supervised
+# step, the augmentation alone, the XLA k-means variants, the multi-crop steps, the cheaper jitter order.
+ALL = (["assign"],
+       ["kmeans", "--kmeans_assign", "pallas", "--kmeans_sums", "scatter"],
+       ["step", "--crops", "2x224"],
+       ["augment", "--jitter_orders", "random,fixed"],
+       ["kmeans", "--kmeans_assign", "xla", "--kmeans_dtypes", "float32"],
+       ["kmeans", "--kmeans_assign", "xla", "--kmeans_dtypes", "bfloat16", "--kmeans_sums", "scatter"],
+       ["step", "--crops", "2x160+4x96,2x224+6x96"],
+       ["step", "--crops", "2x224", "--jitter_orders", "fixed"])
+
+
 def main(argv=None) -> list[dict]:
   ap = argparse.ArgumentParser(prog="python -m dcv2_jax.bench", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("what", choices=("step", "kmeans", "augment", "pipeline"))
+  ap.add_argument("what", choices=("step", "kmeans", "augment", "assign", "pipeline", "all"))
   ap.add_argument("--quick", action="store_true", help="tiny sizes: a CPU smoke run")
   ap.add_argument("--crops", default=",".join(CROPS), help=f"step: comma-separated of {', '.join(CROPS)}")
   ap.add_argument("--batch", type=int, default=128, help="step: samples per step (DCv2)")
@@ -210,11 +261,16 @@ def main(argv=None) -> list[dict]:
   ap.add_argument("--kmeans_assign", default="xla,pallas",
                   help="kmeans: xla (matmul + argmax), pallas (fused kernel; interpreted, slowly, off GPU)")
   ap.add_argument("--chunk", type=int, default=65536)
+  ap.add_argument("--blocks", default="64x128x4x2,128x128x8x2,128x64x4x3,256x64x8x3",
+                  help="assign: fused-kernel configs block_rows x block_k x num_warps x num_stages")
   ap.add_argument("--trace", default="", help="step: write a jax.profiler trace of the timed steps here")
   args, rest = ap.parse_known_args(argv)
   global TRACE_DIR
   TRACE_DIR = args.trace or None
   results = []
+  if args.what == "all":
+    passed = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "all"]
+    return [r for case in ALL for r in main(case + passed)]
   if args.what == "pipeline":
     from dcv2_jax.data import benchmark
     return benchmark.main((["--quick"] if args.quick else []) + rest)
@@ -238,6 +294,13 @@ def main(argv=None) -> list[dict]:
         r["vs_supervised_img224"] = round(r["img224_per_s"] / base["img224_per_s"], 3)
         results.append(_emit({"bench": "dcv2_step", "crops": name, "jitter_order": order, "batch": batch,
                               "depth": depth, "dtype": args.dtype, **r}))
+  elif args.what == "assign":
+    rows, k = (512, 40) if args.quick else (args.kmeans_rows, 3000)
+    configs = [tuple(int(v) for v in b.split("x")) for b in args.blocks.split(",") if b]
+    if args.quick:
+      configs = [(16, 32, 4, 2)]
+    for dtype in args.kmeans_dtypes.split(","):
+      results += bench_assign(rows, 128, k, dtype, configs, 2 if args.quick else 5)
   elif args.what == "augment":
     cases = ((16, 32), (48, 16)) if args.quick else ((512, 224), (256, 224), (1536, 96))
     steps, warmup = (2, 1) if args.quick else (args.steps, args.warmup)

@@ -60,7 +60,7 @@ def nearest(x, centroids, *, block_rows: int = 64, block_k: int = 128, precision
   centroids = centroids.astype(x.dtype)
   n_pad = -(-n // block_rows) * block_rows
   k_pad = -(-k // block_k) * block_k
-  d_pad = 1 << max(0, (d - 1).bit_length())
+  d_pad = max(16, 1 << max(0, (d - 1).bit_length()))          # tensor-core dots need >= 16
   x = jnp.pad(x, ((0, n_pad - n), (0, d_pad - d)))
   centroids = jnp.pad(centroids, ((0, k_pad - k), (0, d_pad - d)))
   d = d_pad

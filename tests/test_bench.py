@@ -35,3 +35,10 @@ def test_augment_bench_prints_figures(capsys):
     assert r["ms"] > 0
     # the per-512@224 figure scales the time by crop count and pixel count
     assert abs(r["ms_per_512_at_224"] - r["ms"] * 512 / r["crops"] * (224 / r["size"]) ** 2) < 0.01 * r["ms_per_512_at_224"]
+
+
+def test_assign_bench_compares_kernel_with_xla(capsys):
+  bench.main(["assign", "--quick", "--kmeans_dtypes", "float32"])
+  lines = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+  assert [r["method"] for r in lines] == ["xla", "pallas 16x32 w4 s2"]
+  assert all(r["ms"] > 0 and r["agree_with_xla"] == 1.0 for r in lines)
