@@ -99,20 +99,51 @@ def bench_dcv2_step(crops, batch: int, depth: int, base_width: int, dtype: str, 
           "compile_s": round(compile_s, 1), "peak_mem_gb": _peak_gb()}
 
 
-def bench_supervised_step(batch: int, size: int, depth: int, base_width: int, dtype: str, steps: int,
-                          warmup: int) -> dict:
-  """The baseline: plain supervised ResNet (same trunk code), Linear 1000, cross-entropy, SGD momentum."""
+def plain_flax_classifier(depth: int, base_width: int, dtype):
+  """The baseline network: a ResNet written the plain Flax way (flax's examples/imagenet style: nn.Conv,
+  nn.BatchNorm with its fast variance, 'SAME' pooling), independent of our trunk, so the comparison is
+  with what a Flax user gets without this project, as perf.md's anchor was measured."""
   import flax.linen as nn
-  from dcv2_jax.models import DTYPES, ResNet
-  from dcv2_jax.sharding import batch_sharded, make_mesh, replicated
+  from dcv2_jax.models import STAGES
+  kind, blocks = STAGES[depth]
+  expansion = 4 if kind == "bottleneck" else 1
 
   class Classifier(nn.Module):
     @nn.compact
     def __call__(self, x, train):
-      f = ResNet(depth, 1, base_width, DTYPES[dtype])(x, train)
-      return nn.Dense(1000, dtype=DTYPES[dtype])(f).astype(jnp.float32)
+      conv = lambda f, k, s=1: nn.Conv(f, (k, k), (s, s), padding=[(k // 2, k // 2)] * 2, use_bias=False,
+                                       dtype=dtype)
+      norm = lambda **kw: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                                       **kw)
+      x = nn.relu(norm()(conv(base_width, 7, 2)(x.astype(dtype))))
+      x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
+      for stage, n in enumerate(blocks):
+        planes = base_width * 2 ** stage
+        for i in range(n):
+          stride = 2 if stage > 0 and i == 0 else 1
+          shapes = ((planes, 1, 1), (planes, 3, stride), (planes * 4, 1, 1)) if expansion == 4 else \
+              ((planes, 3, stride), (planes, 3, 1))
+          y = x
+          for j, (f, k, s) in enumerate(shapes):
+            y = norm(scale_init=nn.initializers.zeros if j == len(shapes) - 1 else nn.initializers.ones)(
+                conv(f, k, s)(y))
+            y = nn.relu(y) if j < len(shapes) - 1 else y
+          if x.shape[-1] != planes * expansion or stride != 1:
+            x = norm()(conv(planes * expansion, 1, stride)(x))
+          x = nn.relu(x + y)
+      x = jnp.mean(x, axis=(1, 2))
+      return nn.Dense(1000, dtype=dtype)(x).astype(jnp.float32)
 
-  model, tx = Classifier(), optax.sgd(0.1, momentum=0.9)
+  return Classifier()
+
+
+def bench_supervised_step(batch: int, size: int, depth: int, base_width: int, dtype: str, steps: int,
+                          warmup: int) -> dict:
+  """The baseline: plain Flax ResNet (plain_flax_classifier), Linear 1000, cross-entropy, SGD momentum."""
+  from dcv2_jax.models import DTYPES
+  from dcv2_jax.sharding import batch_sharded, make_mesh, replicated
+
+  model, tx = plain_flax_classifier(depth, base_width, DTYPES[dtype]), optax.sgd(0.1, momentum=0.9)
   mesh = make_mesh()
   x = jax.device_put(jax.random.normal(jax.random.key(1), (batch, size, size, 3)), batch_sharded(mesh))
   y = jax.device_put(jnp.arange(batch) % 1000, batch_sharded(mesh))

@@ -55,3 +55,30 @@ def test_bad_group_size_message():
   with pytest.raises(ValueError, match="group_size=3"):
     bn_groups_for(3, 8, 8)
   assert bn_groups_for(-1, 16, 8) == 2 and bn_groups_for(0, 16, 8) == 1 and bn_groups_for(4, 16, 8) == 4
+
+
+def test_one_pass_statistics_with_large_means_and_gradient_match_torch():
+  """Both moments come from one pass shifted by the running mean: with |mean| / std = 1e4 (where
+  E[x^2] - E[x]^2 in float32 would cancel to noise) the output and the input gradient still match
+  torch's BatchNorm in float64, once the running mean is near the batch mean."""
+  torch = pytest.importorskip("torch")
+  rng = np.random.default_rng(7)
+  x = (rng.normal(size=(16, 4, 4, 3)) * 0.01 + np.array([100.0, -50.0, 3.0])).astype(np.float32)
+  w = rng.normal(size=x.shape).astype(np.float32)
+  bn = BatchNorm(use_running_average=False)
+  params = {"scale": jnp.asarray([1.5, 0.5, 2.0]), "bias": jnp.asarray([0.25, 0.0, -1.0])}
+  stats = {"mean": jnp.asarray([99.99, -50.01, 3.0]), "var": jnp.ones(3)}   # a running mean after training
+
+  def loss(x):
+    y, _ = bn.apply({"params": params, "batch_stats": stats}, x, mutable=["batch_stats"])
+    return jnp.sum(y * w), y
+
+  (_, y), gx = jax.jit(jax.value_and_grad(loss, has_aux=True))(jnp.asarray(x))
+  xt = torch.tensor(x.astype(np.float64)).permute(0, 3, 1, 2).requires_grad_()
+  yt = torch.nn.functional.batch_norm(xt, None, None, torch.tensor(np.asarray(params["scale"], np.float64)),
+                                      torch.tensor(np.asarray(params["bias"], np.float64)), training=True, eps=1e-5)
+  (yt * torch.tensor(w.astype(np.float64)).permute(0, 3, 1, 2)).sum().backward()
+  # x itself is float32 (ulp 8e-6 at 100, std 0.01): the reference sees the same rounded inputs.
+  np.testing.assert_allclose(np.asarray(y), yt.detach().permute(0, 2, 3, 1).numpy(), atol=2e-3)
+  ref_g = xt.grad.permute(0, 2, 3, 1).numpy()
+  np.testing.assert_allclose(np.asarray(gx), ref_g, atol=2e-3 * np.abs(ref_g).max())
