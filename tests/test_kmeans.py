@@ -197,3 +197,15 @@ def test_cluster_ignores_non_finite_rows():
   assert np.all(np.isfinite(np.asarray(cents)))
   t = np.asarray(table)[0]
   assert t[19] == -100 and np.all(np.delete(t, 19) >= 0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_nearest_lowers_to_a_triton_kernel_for_cuda(dtype):
+  """Without a GPU, lower the kernel for CUDA: JAX's Triton lowering (shapes, primitives, dot precision)
+  must accept it, so a GPU run does not fail there. Compiling the Triton IR to PTX needs the GPU."""
+  from jax import export
+  fn = jax.jit(lambda x, c: kmeans_kernel.nearest(x, c, interpret=False))
+  exported = export.export(fn, platforms=["cuda"], disabled_checks=[
+      export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+      jax.ShapeDtypeStruct((1000, 100), jnp.dtype(dtype)), jax.ShapeDtypeStruct((3000, 100), jnp.float32))
+  assert "__gpu$xla.gpu.triton" in exported.mlir_module()
