@@ -70,6 +70,16 @@ def test_epoch_covers_dataset_once_minus_drop_last():
   assert b["label"][row] == p.source[i]["label"]
 
 
+def test_an_epoch_past_num_epochs_is_full():
+  """The last epoch's grain iterator ends at num_epochs; asking for one more epoch (a run extended with a
+  larger num_epochs, or a benchmark) must start a fresh iterator, not hand out the exhausted one."""
+  p = Pipeline(make_config(batch_size=400, num_epochs=1), 0, 1)
+  assert len(list(p.iterate(0))) == 3
+  assert p._spare is None                       # exhausted: closed, not kept
+  extra = list(p.iterate(1))
+  assert len(extra) == 3 and len(set(np.concatenate([b["index"] for b in extra]).tolist())) == 1200
+
+
 def test_two_processes_equal_one_and_slices_are_disjoint():
   """Process p reads rows [p*B/2, (p+1)*B/2) of every global batch: concatenated, the single-process run."""
   cfg = make_config(num_epochs=1, crops=((16, 1, 0.14, 1.0), (8, 2, 0.05, 0.14)), batch_size=200)

@@ -153,11 +153,12 @@ def _grain_iterator(loader, first: int, stop: int, num_workers: int, threads: in
 class EpochIterator:
   """Batches of one epoch from a step on. `get_state()` = {'epoch', 'step'} of the next batch."""
 
-  def __init__(self, pipeline: "Pipeline", epoch: int, start_step: int, grain_it):
+  def __init__(self, pipeline: "Pipeline", epoch: int, start_step: int, grain_it, stop: int):
     self._pipeline = pipeline
     self.epoch = epoch
     self._step = start_step
     self._it = grain_it
+    self._stop = stop            # the global batch number where grain_it ends
     self._closed = False
 
   def __iter__(self):
@@ -187,7 +188,7 @@ class EpochIterator:
 
   def _release(self):
     if self._it is not None:
-      self._pipeline._keep_spare(self._it, (self.epoch + 1) * self._pipeline.steps_per_epoch)
+      self._pipeline._keep_spare(self._it, (self.epoch + 1) * self._pipeline.steps_per_epoch, self._stop)
       self._it = None
 
   def close(self):
@@ -257,7 +258,7 @@ class Pipeline:
         host_augment_cfg=_plain_augment_cfg(config.augment) if where == "host" else None,
         num_examples=self.num_examples, global_batch=self.global_batch, local_batch=self.local_batch,
         process_index=process_index, steps_per_epoch=self.steps_per_epoch)
-    self._spare = None  # (grain iterator, its next global batch number) left by a finished epoch
+    self._spare = None  # (grain iterator, its next global batch number, its stop) left by a finished epoch
     self._current: EpochIterator | None = None
     self._state = dict(epoch=0, step=0)
 
@@ -276,13 +277,13 @@ class Pipeline:
       raise ValueError(f"start_step {start_step} not in [0, {self.steps_per_epoch}]")
     first = epoch * self.steps_per_epoch + start_step
     if self._spare is not None and self._spare[1] == first:
-      it = self._spare[0]
+      it, _, stop = self._spare
       self._spare = None
     else:
       self._close_spare()
       stop = max(self._num_epochs, epoch + 1) * self.steps_per_epoch
       it = _grain_iterator(self.loader, first, stop, self._num_workers, self._threads, self._prefetch)
-    self._current = EpochIterator(self, epoch, start_step, it)
+    self._current = EpochIterator(self, epoch, start_step, it, stop)
     return self._current
 
   def get_state(self) -> dict:
@@ -294,9 +295,12 @@ class Pipeline:
     self._state = dict(epoch=int(state["epoch"]), step=int(state["step"]))
     self._current = None
 
-  def _keep_spare(self, it, next_batch: int) -> None:
+  def _keep_spare(self, it, next_batch: int, stop: int) -> None:
     self._close_spare()
-    self._spare = (it, next_batch)
+    if next_batch >= stop:       # exhausted: an epoch past num_epochs gets a fresh iterator, not an empty one
+      it.close()
+      return
+    self._spare = (it, next_batch, stop)
 
   def _close_spare(self) -> None:
     if self._spare is not None:
