@@ -217,23 +217,24 @@ def bench_kmeans(n: int, dim: int, heads: int, k: int, iters: int, chunk: int, d
 
 
 def bench_assign(n: int, dim: int, k: int, dtype: str, configs, steps: int) -> list[dict]:
-  """One nearest-centroid pass over n rows (k-means runs 33 of them for 3 heads x 11 assignment steps):
-  XLA's matmul + argmax (chunked as lloyd does) next to the fused kernel at each (block_rows, block_k,
-  num_warps, num_stages) in `configs`, all on the same data."""
+  """One nearest-centroid pass (k-means runs 33 of them for 3 heads x 11 assignment steps): XLA's matmul +
+  argmax in lloyd's chunks of 65,536 rows next to the fused kernel at each (block_rows, block_k, num_warps,
+  num_stages) in `configs`. Every case scores the same rows: n rounded down to whole chunks (1,245,184 of
+  1,281,167 at ImageNet scale, so no case pays for padding); kmeans_3_heads_s scales to all n rows."""
   from dcv2_jax import kmeans, kmeans_kernel
-  x = _unit(jax.random.normal(jax.random.key(0), (n, dim))).astype(dtype)
+  chunk = min(n, 65536)
+  rows = n // chunk * chunk
+  x = _unit(jax.random.normal(jax.random.key(0), (rows, dim))).astype(dtype)
   c = _unit(jax.random.normal(jax.random.key(1), (k, dim)))
-  xla = jax.jit(lambda x, c: kmeans._nearest(x[None], c.astype(x.dtype), None, "xla", None)) if n <= 65536 else \
-      jax.jit(lambda x, c: jax.lax.map(lambda xs: kmeans._nearest(xs[None], c.astype(x.dtype), None, "xla", None),
-                                       x[:n // 65536 * 65536].reshape(-1, 65536, dim)))
-  cases = [("xla", None, xla)] + [
-      (f"pallas {br}x{bk} w{nw} s{ns}", (br, bk, nw, ns),
+  xla = jax.jit(lambda x, c: jax.lax.map(lambda xs: kmeans._nearest(xs[None], c.astype(x.dtype), None, "xla", None),
+                                         x.reshape(-1, chunk, dim)))
+  cases = [("xla", xla)] + [
+      (f"pallas {br}x{bk} w{nw} s{ns}",
        jax.jit(lambda x, c, cfg=(br, bk, nw, ns): kmeans_kernel.nearest(
            x, c, block_rows=cfg[0], block_k=cfg[1], num_warps=cfg[2], num_stages=cfg[3])))
       for br, bk, nw, ns in configs]
-  rows = n if n <= 65536 else n // 65536 * 65536
   out, ref = [], None
-  for name, cfg, fn in cases:
+  for name, fn in cases:
     record = {"bench": "assign", "rows": rows, "dim": dim, "clusters": k, "dtype": dtype, "method": name}
     try:
       labels = jax.block_until_ready(fn(x, c))[0]
@@ -241,14 +242,28 @@ def bench_assign(n: int, dim: int, k: int, dtype: str, configs, steps: int) -> l
       for _ in range(steps):
         jax.block_until_ready(fn(x, c))
       ms = (time.perf_counter() - t0) / steps * 1e3
-      labels = np.asarray(labels).reshape(-1)[:rows]
-      ref = labels if ref is None else ref
-      record.update(ms=round(ms, 3), kmeans_3_heads_s=round(ms * 33 / 1e3 * n / rows, 3),
-                    agree_with_xla=round(float((labels == ref).mean()), 5))
-    except Exception as e:   # a kernel configuration the compiler rejects: report it, go on with the rest
+      labels = np.asarray(labels).reshape(-1)
+      record.update(ms=round(ms, 3), kmeans_3_heads_s=round(ms * 33 / 1e3 * n / rows, 3))
+      if name == "xla":
+        ref = labels
+      elif ref is not None:        # TF32 may flip a few near-ties between the two
+        record["agree_with_xla"] = round(float((labels == ref).mean()), 5)
+    except Exception as e:   # a configuration the compiler rejects: report it, go on with the rest
       record["error"] = f"{type(e).__name__}: {str(e)[:300]}"
     out.append(_emit(record))
   return out
+
+
+_BASELINES: dict = {}   # supervised-step results of this process, by their arguments
+
+
+def _guarded(fn) -> dict:
+  """fn()'s figures, or {'error': ...}: one case that fails (a kernel the compiler rejects, memory) must not
+  cost the GPU run the cases after it."""
+  try:
+    return fn()
+  except Exception as e:  # pylint: disable=broad-except
+    return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
 
 
 def _unit(x):
@@ -292,7 +307,7 @@ def main(argv=None) -> list[dict]:
   ap.add_argument("--kmeans_assign", default="xla,pallas",
                   help="kmeans: xla (matmul + argmax), pallas (fused kernel; interpreted, slowly, off GPU)")
   ap.add_argument("--chunk", type=int, default=65536)
-  ap.add_argument("--blocks", default="64x128x4x2,128x128x8x2,128x64x4x3,256x64x8x3",
+  ap.add_argument("--blocks", default="128x128x8x2,64x128x4x2,128x64x4x3,256x64x8x3",
                   help="assign: fused-kernel configs block_rows x block_k x num_warps x num_stages")
   ap.add_argument("--trace", default="", help="step: write a jax.profiler trace of the timed steps here")
   args, rest = ap.parse_known_args(argv)
@@ -313,16 +328,20 @@ def main(argv=None) -> list[dict]:
     batch, base_batch = (8, 8) if args.quick else (args.batch, args.baseline_batch)
     steps, warmup = (2, 1) if args.quick else (args.steps, args.warmup)
     size = lambda s: max(16, int(round(s * scale / 8)) * 8)
-    base = bench_supervised_step(base_batch, size(224), depth, width, args.dtype, steps, warmup)
+    base_key = (base_batch, size(224), depth, width, args.dtype, steps, warmup)
+    if base_key not in _BASELINES:     # measured once per process: `all` runs several step cases
+      _BASELINES[base_key] = _guarded(lambda: bench_supervised_step(*base_key))
+    base = _BASELINES[base_key]
     results.append(_emit({"bench": "supervised_step", "batch": base_batch, "size": size(224), "depth": depth,
                           "dtype": args.dtype, **base}))
     for name in [c for c in args.crops.split(",") if c]:
       for order in orders:
         crops = tuple((size(s), n, lo, hi) for s, n, lo, hi in CROPS[name])
-        r = bench_dcv2_step(crops, batch, depth, width, args.dtype, steps, warmup,
-                            num_clusters=30 if args.quick else 3000, bank_steps=4 if args.quick else 100,
-                            jitter_order=order)
-        r["vs_supervised_img224"] = round(r["img224_per_s"] / base["img224_per_s"], 3)
+        r = _guarded(lambda: bench_dcv2_step(crops, batch, depth, width, args.dtype, steps, warmup,
+                                             num_clusters=30 if args.quick else 3000,
+                                             bank_steps=4 if args.quick else 100, jitter_order=order))
+        if "img224_per_s" in r and "img224_per_s" in base:
+          r["vs_supervised_img224"] = round(r["img224_per_s"] / base["img224_per_s"], 3)
         results.append(_emit({"bench": "dcv2_step", "crops": name, "jitter_order": order, "batch": batch,
                               "depth": depth, "dtype": args.dtype, **r}))
   elif args.what == "assign":
@@ -337,14 +356,15 @@ def main(argv=None) -> list[dict]:
     steps, warmup = (2, 1) if args.quick else (args.steps, args.warmup)
     for count, size in cases:
       for order in orders:
-        results.append(_emit({"bench": "augment", **bench_augment(count, size, order, args.dtype, steps, warmup)}))
+        results.append(_emit({"bench": "augment", "crops": count, "size": size, "jitter_order": order,
+                              **_guarded(lambda: bench_augment(count, size, order, args.dtype, steps, warmup))}))
   else:
     rows, k, batch = (4096, 32, 256) if args.quick else (args.kmeans_rows, 3000, 4096)
     for assign in args.kmeans_assign.split(","):
       for dtype in args.kmeans_dtypes.split(","):
         for sums in args.kmeans_sums.split(","):
-          results.append(_emit({"bench": "kmeans", **bench_kmeans(rows, 128, 3, k, 10, min(args.chunk, rows), dtype,
-                                                                  batch, sums, assign)}))
+          results.append(_emit({"bench": "kmeans", "assign": assign, "dtype": dtype, "sums": sums, **_guarded(
+              lambda: bench_kmeans(rows, 128, 3, k, 10, min(args.chunk, rows), dtype, batch, sums, assign))}))
   return results
 
 

@@ -9,6 +9,7 @@ number of devices the bank is split over, every reshape here keeps rows on their
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -81,6 +82,10 @@ def _nearest(x, centroids, precision, assign: str, mesh):
     axis = mesh.axis_names
     return jax.shard_map(per_device, mesh=mesh, in_specs=(P(axis), P()), out_specs=(P(axis), P(axis)),
                          check_vma=False)(x, centroids)
+  if mesh is not None and mesh.size > 1:
+    logging.warning("k-means: %d bank shards do not split over %d devices; the fused kernel sees every row "
+                    "on every device (correct, slow). A global batch divisible by the device count avoids it.",
+                    x.shape[0], mesh.size)
   return per_device(x, centroids)
 
 

@@ -6,11 +6,14 @@ memory and a second kernel that reads it back for the argmax. For the bank at Im
 on one H100 (about 3 TB/s) about 0.3 s of pure memory traffic, most of the 0.5 s k-means budget. This
 kernel keeps a block of rows on chip, walks the centroids block by block, and keeps only a running
 (best score, first argmax) per row, the flash-attention pattern with max in place of softmax. It reads the
-bank once and writes 8 bytes a row.
+bank once from device memory and writes 8 bytes a row. Every block of rows reads all centroids again
+(1.5 MB in float32, from L2): 10,000 blocks of 128 rows re-read 15 GB per pass, so larger `block_rows`
+cut that traffic; `python -m dcv2_jax.bench assign` compares block configurations on the GPU.
 
-`nearest(x, centroids)` is the same function as `argmax(x @ centroids.T)` and `max(...)`: ties go to the
+`nearest(x, centroids)` gives `argmax(x @ centroids.T)` and `max(...)` for finite inputs: ties go to the
 lowest index (jnp.argmax's rule: the first maximum inside a block, a strictly better score to move to a
-later block). On a backend other than GPU it runs in Pallas' interpreter (for tests; slow).
+later block). Unlike jnp.argmax, a NaN score never wins (callers mask non-finite rows anyway). On a
+backend other than GPU it runs in Pallas' interpreter (for tests; slow).
 """
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ def _kernel(x_ref, c_ref, assign_ref, best_ref, *, num_clusters: int, block_k: i
 
 @functools.partial(jax.jit, static_argnames=("block_rows", "block_k", "precision", "num_warps", "num_stages",
                                              "interpret"))
-def nearest(x, centroids, *, block_rows: int = 64, block_k: int = 128, precision=None, num_warps: int = 4,
+def nearest(x, centroids, *, block_rows: int = 128, block_k: int = 128, precision=None, num_warps: int = 8,
             num_stages: int = 2, interpret: bool | None = None):
   """(assignments [N] int32, best scores [N] float32) of rows x [N, D] against centroids [K, D].
 
@@ -53,6 +56,9 @@ def nearest(x, centroids, *, block_rows: int = 64, block_k: int = 128, precision
   matmul; bfloat16) and accumulates in float32. Block sizes are powers of two, as Triton's loads need; rows,
   clusters and D are padded with zeros to fit (zero columns change no dot product).
   """
+  for name, v in (("block_rows", block_rows), ("block_k", block_k)):
+    if v < 16 or v & (v - 1):
+      raise ValueError(f"{name}={v}: the kernel needs a power of two >= 16 (Triton's loads and dots)")
   n, d = x.shape
   k = centroids.shape[0]
   if interpret is None:

@@ -41,4 +41,13 @@ def test_assign_bench_compares_kernel_with_xla(capsys):
   bench.main(["assign", "--quick", "--kmeans_dtypes", "float32"])
   lines = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
   assert [r["method"] for r in lines] == ["xla", "pallas 16x32 w4 s2"]
-  assert all(r["ms"] > 0 and r["agree_with_xla"] == 1.0 for r in lines)
+  assert all(r["ms"] > 0 for r in lines) and lines[1]["agree_with_xla"] == 1.0 and "agree_with_xla" not in lines[0]
+
+
+def test_a_failing_case_is_reported_and_the_rest_still_run(capsys):
+  bench.main(["kmeans", "--quick", "--kmeans_dtypes", "float32", "--kmeans_sums", "scatter",
+              "--kmeans_assign", "bogus,xla"])
+  lines = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+  assert [r["assign"] for r in lines] == ["bogus", "xla"]
+  assert "ValueError" in lines[0]["error"] and "seconds" not in lines[0]
+  assert lines[1]["seconds"] > 0 and "error" not in lines[1]
