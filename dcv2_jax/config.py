@@ -112,6 +112,13 @@ def resolve(config, num_devices: int) -> tuple[ml_collections.ConfigDict, list[s
     notes.append(f"batch_size = per_device_batch_size {config.per_device_batch_size} x {num_devices} devices "
                  f"= {config.batch_size}")
     config.per_device_batch_size = 0     # resolved: everything downstream reads batch_size
+  gs = config.model.sync_bn.group_size
+  if gs > num_devices:
+    # The recipes' SyncBN groups of 8 on fewer devices: one group of all of them is what a group of 8
+    # would hold, so the same command runs on 1, 2 or 4 GPUs (apex would refuse to build the group).
+    config.model.sync_bn.group_size = 0
+    notes.append(f"model.sync_bn.group_size={gs} > {num_devices} device(s): BatchNorm statistics over all "
+                 f"{num_devices} (one group)")
   o = config.optim
   if o.scale_lr_with_batch and config.batch_size != o.lr_reference_batch:
     f = config.batch_size / o.lr_reference_batch

@@ -30,6 +30,25 @@ class NonFiniteLoss(RuntimeError):
   pass
 
 
+class DeviceOutOfMemory(RuntimeError):
+  pass
+
+
+def explain_out_of_memory(error: Exception, config, num_devices: int) -> DeviceOutOfMemory | None:
+  """A DeviceOutOfMemory that says which settings to lower, if `error` is XLA running out of device
+  memory (RESOURCE_EXHAUSTED); None for any other error."""
+  if "RESOURCE_EXHAUSTED" not in str(error) and "Out of memory" not in str(error):
+    return None
+  per_device = config.batch_size // num_devices
+  crops = " + ".join(f"{int(n)}x{int(s)}" for s, n, *_ in config.data.crops)
+  return DeviceOutOfMemory(
+      f"device memory ran out with {per_device} samples ({crops} crops each) per device, global batch "
+      f"{config.batch_size} on {num_devices} device(s), model.dtype={config.model.dtype}. Lower the batch per "
+      f"device: --config.per_device_batch_size=64 is the published recipe's (64 GPUs x 64); the LR follows "
+      f"the global batch (linear scaling). bfloat16 (the default) needs about half of float32's activation "
+      f"memory. XLA said: {str(error)[:500]}")
+
+
 def _labels_of(source):
   labels = getattr(source, "labels", None)
   labels = labels() if callable(labels) else labels
@@ -119,6 +138,11 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     # ----------------------------------------------------------------------------------- epochs
     state, step = _train_epochs(config, workdir, state, compiled, spec, pipeline, ckpts, writer, mesh, labels,
                                 root, is_main)
+  except Exception as e:  # pylint: disable=broad-except
+    oom = explain_out_of_memory(e, config, num_devices)
+    if oom is None:
+      raise
+    raise oom from e
   finally:
     ckpts.close()
     pipeline.close()

@@ -53,3 +53,16 @@ def test_bad_kmeans_choices_all_reported():
   with pytest.raises(config_lib.ConfigError) as err:
     config_lib.validate(c, 10000, 2, num_devices=8, num_processes=1)
   assert "loss.kmeans_assign='triton'" in str(err.value) and "loss.kmeans_sums='matmul'" in str(err.value)
+
+
+def test_sync_bn_groups_larger_than_the_devices_become_one_group():
+  """The recipes' SyncBN groups of 8 on 1, 2 or 4 devices: the same command runs, over all devices."""
+  c = importlib.import_module("configs.dcv2_2crops").get_config()
+  assert c.model.sync_bn.group_size == 8
+  resolved, notes = config_lib.resolve(c, num_devices=4)
+  assert resolved.model.sync_bn.group_size == 0 and any("group_size=8 > 4" in n for n in notes)
+  resolved, notes = config_lib.resolve(c, num_devices=16)
+  assert resolved.model.sync_bn.group_size == 8 and not any("group_size" in n for n in notes)
+  c.model.sync_bn.group_size = 8
+  with pytest.raises(config_lib.ConfigError, match="group_size=8"):
+    config_lib.validate(config_lib.resolve(c, 12)[0], 1_281_167, 100, num_devices=12, num_processes=1)

@@ -16,7 +16,7 @@ import pytest
 from configs import digits
 from dcv2_jax import config as config_lib
 from dcv2_jax.checkpoint import restore_model_variables
-from dcv2_jax.trainer import NonFiniteLoss, train_and_evaluate
+from dcv2_jax.trainer import DeviceOutOfMemory, NonFiniteLoss, train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A small, fast variant of the demo: 16px digits, one crop size, narrow ResNet-18, 22 steps an epoch.
@@ -169,6 +169,24 @@ def test_trainer_rejects_bad_config_before_compiling(tmp_path, monkeypatch):
   monkeypatch.setattr(train_step, "compile_for_mesh", lambda *a: pytest.fail("compiled a bad config"))
   with pytest.raises(config_lib.ConfigError, match="more clusters"):
     train_and_evaluate(small_config(**{"loss.num_clusters": (2000, 2000, 2000)}), str(tmp_path))
+
+
+def test_out_of_device_memory_says_what_to_lower(tmp_path, monkeypatch):
+  """XLA's RESOURCE_EXHAUSTED (here raised by a stand-in for the first step) becomes an error that names
+  the batch per device and the setting to change; other errors pass through unchanged."""
+  from dcv2_jax import train_step
+
+  def out_of_memory(*args):
+    raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 68719476736 bytes.")
+
+  monkeypatch.setattr(train_step, "bank_init_step", out_of_memory)
+  with pytest.raises(DeviceOutOfMemory, match=r"8 samples \(2x16 crops each\) per device, global batch 64 on 8") as e:
+    train_and_evaluate(small_config(), str(tmp_path / "oom"))
+  assert "--config.per_device_batch_size=64" in str(e.value) and "68719476736 bytes" in str(e.value)
+
+  monkeypatch.setattr(train_step, "bank_init_step", lambda *a: (_ for _ in ()).throw(KeyError("other")))
+  with pytest.raises(KeyError, match="other"):
+    train_and_evaluate(small_config(), str(tmp_path / "other"))
 
 
 def test_unknown_config_key_lists_valid_keys(tmp_path):
