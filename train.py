@@ -22,6 +22,9 @@ flags.DEFINE_integer("process_id", None, "Multi-host: this process's id.")
 flags.DEFINE_string("local_device_ids", None, "Multi-host: comma-separated local devices for this process.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
+# Stopped by the scheduler's SIGTERM after saving a checkpoint: 128 + SIGTERM, as if the signal had ended
+# the process, so job scripts do not take a preempted run for a finished one.
+PREEMPTED_EXIT_CODE = 143
 
 
 def main(argv):
@@ -33,7 +36,9 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   # orbax narrates every save at INFO; keep its warnings, drop the chatter from the progress log.
   logging.get_absl_handler().addFilter(lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname)
-  trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  summary = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if summary.get("preempted"):
+    sys.exit(PREEMPTED_EXIT_CODE)
 
 
 def check_config_overrides(argv) -> None:

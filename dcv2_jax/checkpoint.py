@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -49,6 +52,43 @@ class Checkpoints:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+class PreemptionNotice:
+  """SIGTERM, the notice a scheduler (SLURM, Kubernetes) sends before it stops a job: `reached(step)`
+  turns True at a step where the trainer saves a checkpoint and stops, so a preempted run loses nothing.
+
+  Several processes: JAX's preemption service (started by jax.distributed.initialize, which catches the
+  signal) spreads the notice and picks one step that every process reaches; orbax's `reached_preemption`
+  asks it. One process has no such service, so a handler of ours records the signal. Use as a context
+  manager: the previous handler comes back on exit.
+  """
+
+  def __init__(self, checkpoints: Checkpoints):
+    self._checkpoints = checkpoints
+    self._received = False
+    self._previous = None
+
+  def __enter__(self):
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+  def _on_signal(self, signum, frame):
+    del frame
+    self._received = True
+    logging.warning("signal %d: saving a checkpoint after the current step, then stopping", signum)
+
+  def reached(self, step: int) -> bool:
+    """Call after every train step, on every process, with the same step numbers."""
+    if jax.process_count() > 1:
+      return bool(self._checkpoints.manager.reached_preemption(step))
+    return self._received
 
 
 def abstract_like(shape_tree, shardings):

@@ -34,6 +34,14 @@ class DeviceOutOfMemory(RuntimeError):
   pass
 
 
+class Preempted(Exception):
+  """The scheduler's SIGTERM arrived: a checkpoint of `step` was saved and training stopped."""
+
+  def __init__(self, step: int):
+    super().__init__(f"preempted at step {step}")
+    self.step = step
+
+
 def explain_out_of_memory(error: Exception, config, num_devices: int) -> DeviceOutOfMemory | None:
   """A DeviceOutOfMemory that says which settings to lower, if `error` is XLA running out of device
   memory (RESOURCE_EXHAUSTED); None for any other error."""
@@ -124,20 +132,26 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
   else:
     state = None
 
-  try:                       # finally: on a crash too, let an in-flight save complete and stop the workers
-    if state is None:
-      # ------------------------------------------------------------ memory-bank initial pass
-      state = compiled.init(jax.random.fold_in(root, 0))
-      t0 = time.time()
-      with data.device_prefetch(pipeline.iterate(config.num_epochs), mesh) as batches:  # never trained on
-        for slot, batch in enumerate(batches):
-          state = compiled.bank_init_step(state, batch, jnp.asarray(slot, jnp.int32))
-      jax.block_until_ready(state.bank.z)
-      logging.info("memory bank filled: %d rows in %.1fs", spe * config.batch_size, time.time() - t0)
+  # finally: on a crash too, let an in-flight save complete and stop the workers. A SIGTERM from here on
+  # (the scheduler's notice) saves the next step and stops: PreemptionNotice.
+  preempted_at = None
+  try:
+    with checkpoint.PreemptionNotice(ckpts) as notice:
+      if state is None:
+        # ---------------------------------------------------------- memory-bank initial pass
+        state = compiled.init(jax.random.fold_in(root, 0))
+        t0 = time.time()
+        with data.device_prefetch(pipeline.iterate(config.num_epochs), mesh) as batches:  # never trained on
+          for slot, batch in enumerate(batches):
+            state = compiled.bank_init_step(state, batch, jnp.asarray(slot, jnp.int32))
+        jax.block_until_ready(state.bank.z)
+        logging.info("memory bank filled: %d rows in %.1fs", spe * config.batch_size, time.time() - t0)
 
-    # ----------------------------------------------------------------------------------- epochs
-    state, step = _train_epochs(config, workdir, state, compiled, spec, pipeline, ckpts, writer, mesh, labels,
-                                root, is_main)
+      # --------------------------------------------------------------------------------- epochs
+      state, step = _train_epochs(config, workdir, state, compiled, spec, pipeline, ckpts, writer, mesh, labels,
+                                  root, is_main, notice)
+  except Preempted as p:
+    preempted_at = p.step
   except Exception as e:  # pylint: disable=broad-except
     oom = explain_out_of_memory(e, config, num_devices)
     if oom is None:
@@ -146,6 +160,12 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
   finally:
     ckpts.close()
     pipeline.close()
+  if preempted_at is not None:
+    logging.warning("preempted: the checkpoint of step %d is saved in %s; run the same command to resume",
+                    preempted_at, ckpts.directory)
+    writer.write({"step": preempted_at, "preempted": True})
+    writer.close()
+    return {"step": preempted_at, "preempted": True}
   summary = {"step": step}
 
   # ------------------------------------------------------------------------------ final evaluation
@@ -165,7 +185,8 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
   return to_python(summary)
 
 
-def _train_epochs(config, workdir, state, compiled, spec, pipeline, ckpts, writer, mesh, labels, root, is_main):
+def _train_epochs(config, workdir, state, compiled, spec, pipeline, ckpts, writer, mesh, labels, root, is_main,
+                  notice):
   """k-means at each epoch start, then the epoch's train steps, logging and checkpoints."""
   spe, n_examples = pipeline.steps_per_epoch, pipeline.num_examples
   total_steps = config.num_epochs * spe
@@ -199,14 +220,15 @@ def _train_epochs(config, workdir, state, compiled, spec, pipeline, ckpts, write
     progress = Progress(total_steps, step, config.batch_size, config.batch_size * spec.num_crops)
     with data.device_prefetch(pipeline.iterate(epoch, first), mesh) as batches:
       state, step, losses = _train_steps(config, state, compiled, batches, step, epoch, spe, n_examples,
-                                         progress, ckpts, writer)
+                                         progress, ckpts, writer, notice)
     writer.write({"step": step, "epoch": epoch, "epoch_loss": float(np.mean(losses)) if losses else None})
   return state, step
 
 
-def _train_steps(config, state, compiled, batches, step, epoch, spe, n_examples, progress, ckpts, writer):
+def _train_steps(config, state, compiled, batches, step, epoch, spe, n_examples, progress, ckpts, writer, notice):
   """One epoch's steps. Each step's metrics are checked one step late, so the host never stalls the device,
-  except before a checkpoint: only a state whose step was checked finite is saved."""
+  except before a checkpoint: only a state whose step was checked finite is saved. A preemption notice
+  saves the step it arrives at and raises Preempted."""
   total_steps = config.num_epochs * spe
   losses, pending = [], None
   for batch in batches:
@@ -222,13 +244,16 @@ def _train_steps(config, state, compiled, batches, step, epoch, spe, n_examples,
       writer.write(record)
       logging.info("step %d/%d epoch %d loss %.4f lr %.4g %.0f img/s ETA %s", step, total_steps, epoch,
                    record["loss"], record["lr"], record["img_per_s"], format_eta(record["eta_s"]))
-    if step % config.checkpoint_every_steps == 0 or step % spe == 0:
+    preempted = notice.reached(step)
+    if preempted or step % config.checkpoint_every_steps == 0 or step % spe == 0:
       if pending is not None:
         losses.append(_check(pending, config))
         pending = None
       ckpts.save(step, state, {"step": step, "num_examples": n_examples, "global_batch": config.batch_size,
                                "data": {"epoch": step // spe, "step": step % spe},
                                "config": config.to_json_best_effort()})
+    if preempted:
+      raise Preempted(step)
   if pending is not None:
     losses.append(_check(pending, config))
   return state, step, losses

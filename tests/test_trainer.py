@@ -106,6 +106,39 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(reference_run, tmp_p
   np.testing.assert_allclose(got_c, ref_c, rtol=1e-6, atol=1e-7)
 
 
+def test_sigterm_saves_the_current_step_then_resume_equals_uninterrupted(reference_run, tmp_path):
+  """A scheduler's SIGTERM mid-epoch: the run saves the step it is at (no regular checkpoint is due:
+  checkpoint_every_steps is 1000), exits with 143, and the same command finishes like an uninterrupted run."""
+  workdir = tmp_path / "preempted"
+  proc = subprocess.Popen(cli_args(str(workdir), checkpoint_every_steps=1000), env=env(8),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  metrics, deadline = workdir / "metrics.jsonl", time.time() + 300
+  def logged_step():
+    if not metrics.exists():
+      return 0
+    steps = [json.loads(l).get("step", 0) for l in metrics.read_text().splitlines() if l.strip()]
+    return max(steps, default=0)
+  while logged_step() < 25 and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 143, err[-3000:]
+  saved = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+  assert saved[0] == 22 and 25 <= saved[-1] < 44, saved      # epoch 0's end, then the preemption step
+  assert "run the same command to resume" in err
+  assert json.loads(metrics.read_text().splitlines()[-1]) == {"step": saved[-1], "preempted": True}
+  done = subprocess.run(cli_args(str(workdir), checkpoint_every_steps=1000), env=env(8), capture_output=True,
+                        text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert f"resumed from step {saved[-1]}" in done.stderr
+  got, got_c, step = final_params(str(workdir))
+  ref, ref_c, _ = final_params(reference_run)
+  assert step == 44
+  for a, b in zip(got, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(got_c, ref_c, rtol=1e-6, atol=1e-7)
+
+
 def test_resume_on_four_devices(reference_run, tmp_path):
   """The 8-device checkpoint of epoch 2 continues on 4 devices (bank re-sharded) like it does on 8."""
   runs = {}
@@ -148,6 +181,36 @@ def test_two_processes_equal_one_process(tmp_path):
   for x, y in zip(a, b):
     np.testing.assert_allclose(x, y, rtol=1e-2, atol=1e-3)
   np.testing.assert_allclose(ac, bc, rtol=1e-2, atol=1e-3)
+
+
+def test_sigterm_to_one_of_two_processes_saves_one_step_on_both(tmp_path):
+  """Multi-host preemption: SIGTERM reaches one process; JAX's preemption service tells the other, both save
+  the same step (a collective orbax save) and exit 143; the same command then resumes both to the end."""
+  workdir = tmp_path / "two"
+  port = portpicker.pick_unused_port()
+  args = lambda i: cli_args(str(workdir), checkpoint_every_steps=1000) + [
+      f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
+  procs = [subprocess.Popen(args(i), env=env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  metrics, deadline = workdir / "metrics.jsonl", time.time() + 300
+  def logged_step():
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    return max([json.loads(l).get("step", 0) for l in lines if l.strip()], default=0)
+  while logged_step() < 25 and all(p.poll() is None for p in procs) and time.time() < deadline:
+    time.sleep(0.02)
+  procs[1].send_signal(signal.SIGTERM)
+  errs = [p.communicate(timeout=300)[1] for p in procs]
+  assert [p.returncode for p in procs] == [143, 143], errs[0][-2000:] + errs[1][-2000:]
+  saved = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+  assert saved[0] == 22 and 25 <= saved[-1] < 44, saved
+  assert all(f"checkpoint of step {saved[-1]} is saved" in e for e in errs)
+  port = portpicker.pick_unused_port()
+  procs = [subprocess.Popen(args(i), env=env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  errs = [p.communicate(timeout=600)[1] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+  assert f"resumed from step {saved[-1]}" in errs[0]
+  assert final_params(str(workdir))[2] == 44
 
 
 def test_impossible_settings_fail_before_compiling():
