@@ -55,23 +55,27 @@ class Checkpoints:
 
 
 class PreemptionNotice:
-  """SIGTERM, the notice a scheduler (SLURM, Kubernetes) sends before it stops a job: `reached(step)`
-  turns True at a step where the trainer saves a checkpoint and stops, so a preempted run loses nothing.
+  """SIGTERM, the notice a scheduler (SLURM, Kubernetes) sends before it stops a job: the trainer saves a
+  checkpoint at a step every process agrees on, then stops, so a preempted run loses nothing.
 
-  Several processes: JAX's preemption service (started by jax.distributed.initialize, which catches the
-  signal) spreads the notice and picks one step that every process reaches; orbax's `reached_preemption`
-  asks it. One process has no such service, so a handler of ours records the signal. Use as a context
-  manager: the previous handler comes back on exit.
+  Every process catches the signal itself and `tag`s each train-step batch with its flag; the step takes
+  the max over all rows, so every process reads the same `stop_requested` from the same step's metrics
+  and stops at the same step. Why not JAX's preemption service (orbax's reached_preemption): it fires only
+  at the exact step it derives from the steps processes last reported, which a resumed run (nothing
+  reported yet) never reaches, and then it ignores every later SIGTERM; distributed.py turns it off.
+  Use as a context manager: the previous handler is back on exit (a SIGTERM after training, during the
+  evaluation, ends the process as usual).
   """
 
-  def __init__(self, checkpoints: Checkpoints):
-    self._checkpoints = checkpoints
-    self._received = False
+  def __init__(self):
+    self.received = False
     self._previous = None
 
   def __enter__(self):
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+    if threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+      if self._previous is None:        # a handler installed from C: nothing to restore but the default
+        self._previous = signal.SIG_DFL
     return self
 
   def __exit__(self, *exc):
@@ -80,15 +84,14 @@ class PreemptionNotice:
       self._previous = None
 
   def _on_signal(self, signum, frame):
-    del frame
-    self._received = True
-    logging.warning("signal %d: saving a checkpoint after the current step, then stopping", signum)
+    del signum, frame
+    self.received = True               # only a flag: the train loop logs and acts at the next step
 
-  def reached(self, step: int) -> bool:
-    """Call after every train step, on every process, with the same step numbers."""
-    if jax.process_count() > 1:
-      return bool(self._checkpoints.manager.reached_preemption(step))
-    return self._received
+  def tag(self, batch: dict) -> dict:
+    """batch (global arrays) plus `stop` [global batch] int32: this process's rows hold its flag."""
+    index = batch["index"]
+    local = np.full((index.shape[0] // jax.process_count(),), int(self.received), np.int32)
+    return dict(batch, stop=jax.make_array_from_process_local_data(index.sharding, local))
 
 
 def abstract_like(shape_tree, shardings):

@@ -27,6 +27,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   if not explicit and not _multi_process_cluster():
     return
   ids = [int(i) for i in local_device_ids.split(",")] if local_device_ids else None
+  # SIGTERM is ours (checkpoint.PreemptionNotice): JAX's preemption service would catch it first.
+  jax.config.update("jax_enable_preemption_service", False)
   jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                              process_id=process_id, local_device_ids=ids)
   logging.info("joined as process %d of %d (%d local devices)", jax.process_index(), jax.process_count(),

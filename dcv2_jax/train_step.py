@@ -182,7 +182,9 @@ def train_step(spec: StepSpec, state: TrainState, batch):
 
   metrics = {"loss": loss, "lr": spec.schedule(state.step), "grads_finite": finite,
              "params_finite": precision.all_finite(params),
-             "skipped": jnp.sum(index < 0), "loss_scale": state.loss_scale.scale}   # the scale this step used
+             "skipped": jnp.sum(index < 0), "loss_scale": state.loss_scale.scale,   # the scale this step used
+             # A SIGTERM on any process (checkpoint.PreemptionNotice): the same value on every process.
+             "stop_requested": jnp.max(batch["stop"]) if "stop" in batch else jnp.int32(0)}
   metrics.update({f"target_acc_h{h}": acc[h] for h in range(acc.shape[0])})
   new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
                       loss_scale=loss_scale, bank=bank)

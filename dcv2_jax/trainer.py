@@ -43,18 +43,19 @@ class Preempted(Exception):
 
 
 def explain_out_of_memory(error: Exception, config, num_devices: int) -> DeviceOutOfMemory | None:
-  """A DeviceOutOfMemory that says which settings to lower, if `error` is XLA running out of device
-  memory (RESOURCE_EXHAUSTED); None for any other error."""
-  if "RESOURCE_EXHAUSTED" not in str(error) and "Out of memory" not in str(error):
+  """A DeviceOutOfMemory that says which setting to lower, if `error` is XLA running out of device memory;
+  None for any other error."""
+  if not isinstance(error, jax.errors.JaxRuntimeError) or "out of memory" not in str(error).lower():
     return None
   per_device = config.batch_size // num_devices
   crops = " + ".join(f"{int(n)}x{int(s)}" for s, n, *_ in config.data.crops)
   return DeviceOutOfMemory(
-      f"device memory ran out with {per_device} samples ({crops} crops each) per device, global batch "
+      f"device memory ran out with {per_device} samples ({crops} crops each) per device: global batch "
       f"{config.batch_size} on {num_devices} device(s), model.dtype={config.model.dtype}. Lower the batch per "
-      f"device: --config.per_device_batch_size=64 is the published recipe's (64 GPUs x 64); the LR follows "
-      f"the global batch (linear scaling). bfloat16 (the default) needs about half of float32's activation "
-      f"memory. XLA said: {str(error)[:500]}")
+      f"device, e.g. --config.per_device_batch_size={max(1, per_device // 2)} (the published recipes use 64 per "
+      f"GPU; the LR follows the global batch by the linear rule). A different global batch needs a new "
+      f"--workdir. If it ran out in k-means, lower --config.loss.kmeans_chunk instead. XLA said: "
+      f"{str(error)[:500]}")
 
 
 def _labels_of(source):
@@ -132,11 +133,11 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
   else:
     state = None
 
-  # finally: on a crash too, let an in-flight save complete and stop the workers. A SIGTERM from here on
-  # (the scheduler's notice) saves the next step and stops: PreemptionNotice.
+  # finally: on a crash too, let an in-flight save complete and stop the workers. A SIGTERM from here until
+  # the last save is written (the scheduler's notice) saves the next step and stops: PreemptionNotice.
   preempted_at = None
-  try:
-    with checkpoint.PreemptionNotice(ckpts) as notice:
+  with checkpoint.PreemptionNotice() as notice:
+    try:
       if state is None:
         # ---------------------------------------------------------- memory-bank initial pass
         state = compiled.init(jax.random.fold_in(root, 0))
@@ -150,16 +151,16 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
       # --------------------------------------------------------------------------------- epochs
       state, step = _train_epochs(config, workdir, state, compiled, spec, pipeline, ckpts, writer, mesh, labels,
                                   root, is_main, notice)
-  except Preempted as p:
-    preempted_at = p.step
-  except Exception as e:  # pylint: disable=broad-except
-    oom = explain_out_of_memory(e, config, num_devices)
-    if oom is None:
-      raise
-    raise oom from e
-  finally:
-    ckpts.close()
-    pipeline.close()
+    except Preempted as p:
+      preempted_at = p.step
+    except Exception as e:  # pylint: disable=broad-except
+      oom = explain_out_of_memory(e, config, num_devices)
+      if oom is None:
+        raise
+      raise oom from e
+    finally:
+      ckpts.close()
+      pipeline.close()
   if preempted_at is not None:
     logging.warning("preempted: the checkpoint of step %d is saved in %s; run the same command to resume",
                     preempted_at, ckpts.directory)
@@ -228,39 +229,47 @@ def _train_epochs(config, workdir, state, compiled, spec, pipeline, ckpts, write
 def _train_steps(config, state, compiled, batches, step, epoch, spe, n_examples, progress, ckpts, writer, notice):
   """One epoch's steps. Each step's metrics are checked one step late, so the host never stalls the device,
   except before a checkpoint: only a state whose step was checked finite is saved. A preemption notice
-  saves the step it arrives at and raises Preempted."""
+  (seen in a checked step's metrics, so by every process at the same step) saves the current step and
+  raises Preempted."""
   total_steps = config.num_epochs * spe
-  losses, pending = [], None
+  losses, pending, stop = [], None, False
+
+  def check():
+    nonlocal pending, stop
+    loss, stop_requested = _check(pending, config)
+    losses.append(loss)
+    if stop_requested and not stop:
+      logging.warning("SIGTERM received (on at least one process): saving a checkpoint, then stopping")
+    stop, pending = stop or stop_requested, None
+
   for batch in batches:
-    state, metrics = compiled.train_step(state, batch)
+    state, metrics = compiled.train_step(state, notice.tag(batch))
     if pending is not None:
-      losses.append(_check(pending, config))
+      check()
     pending = (step, metrics)
     step += 1
     if step % config.log_every_steps == 0 or step % spe == 0:
-      losses.append(_check(pending, config))
-      pending = None
+      check()
       record = {"step": step, "epoch": epoch, **to_python(metrics), **progress.report(step)}
+      record.pop("stop_requested")
       writer.write(record)
       logging.info("step %d/%d epoch %d loss %.4f lr %.4g %.0f img/s ETA %s", step, total_steps, epoch,
                    record["loss"], record["lr"], record["img_per_s"], format_eta(record["eta_s"]))
-    preempted = notice.reached(step)
-    if preempted or step % config.checkpoint_every_steps == 0 or step % spe == 0:
+    if stop or step % config.checkpoint_every_steps == 0 or step % spe == 0:
       if pending is not None:
-        losses.append(_check(pending, config))
-        pending = None
+        check()
       ckpts.save(step, state, {"step": step, "num_examples": n_examples, "global_batch": config.batch_size,
                                "data": {"epoch": step // spe, "step": step % spe},
                                "config": config.to_json_best_effort()})
-    if preempted:
+    if stop:
       raise Preempted(step)
   if pending is not None:
-    losses.append(_check(pending, config))
+    check()
   return state, step, losses
 
 
 def _check(pending, config):
-  """Fetches a step's loss; a non-finite loss stops the run (its checkpoint is never written)."""
+  """(loss, stop requested) of a step; a non-finite loss stops the run (its checkpoint is never written)."""
   step, metrics = pending
   loss = float(to_python(metrics["loss"]))
   if not bool(to_python(metrics["params_finite"])):
@@ -274,4 +283,4 @@ def _check(pending, config):
       raise NonFiniteLoss(f"loss {loss} (gradients {'finite' if grads_finite else 'non-finite'}) at step "
                           f"{step + 1}; the run stops here and the last checkpoint (written before this step) "
                           "is kept. Lower the LR or use float32/bfloat16.")
-  return loss
+  return loss, bool(to_python(metrics["stop_requested"]))
