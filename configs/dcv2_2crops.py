@@ -7,6 +7,8 @@
 Hardware: written for 64 GPUs (8 nodes x 8) at 64 per GPU; on fewer GPUs keep the global batch with
 --config.batch_size or set --config.per_device_batch_size; the LR follows the linear rule
 (4.8 at 4096, i.e. 0.3 per 256) unless --config.optim.scale_lr_with_batch=False.
+Precision: bfloat16 compute (the project default); the published SwAV-repo run was float32
+(--config.model.dtype=float32), VISSL's was AMP O1.
 Expected: ImageNet linear-eval top-1 about 70% (python -m dcv2_jax.evaluate --workdir ... --protocol imagenet).
 """
 from dcv2_jax.config import base_config
