@@ -142,9 +142,16 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
         # ---------------------------------------------------------- memory-bank initial pass
         state = compiled.init(jax.random.fold_in(root, 0))
         t0 = time.time()
+        # An epoch of forward passes before the first step (minutes at ImageNet scale): progress and ETA.
+        progress = Progress(spe, 0, config.batch_size, config.batch_size * len(spec.crops_for_mb))
         with data.device_prefetch(pipeline.iterate(config.num_epochs), mesh) as batches:  # never trained on
           for slot, batch in enumerate(batches):
             state = compiled.bank_init_step(state, batch, jnp.asarray(slot, jnp.int32))
+            if (slot + 1) % config.log_every_steps == 0 and slot + 1 < spe:
+              jax.block_until_ready(state.bank.index)
+              r = progress.report(slot + 1)
+              logging.info("memory bank: %d/%d steps, %.0f img/s, ETA %s", slot + 1, spe, r["img_per_s"],
+                           format_eta(r["eta_s"]))
         jax.block_until_ready(state.bank.z)
         logging.info("memory bank filled: %d rows in %.1fs", spe * config.batch_size, time.time() - t0)
 

@@ -132,6 +132,7 @@ def test_sigterm_saves_the_current_step_then_resume_equals_uninterrupted(referen
   saved = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
   assert saved[0] == 22 and 25 <= saved[-1] < 44, saved      # epoch 0's end, then the preemption step
   assert "run the same command to resume" in err
+  assert "memory bank: 5/22 steps" in err and "memory bank: 20/22 steps" in err    # the initial pass's progress
   assert json.loads(metrics.read_text().splitlines()[-1]) == {"step": saved[-1], "preempted": True}
   done = subprocess.run(cli_args(str(workdir), checkpoint_every_steps=1000), env=env(8), capture_output=True,
                         text=True, timeout=600)
