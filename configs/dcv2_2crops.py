@@ -9,7 +9,8 @@ Hardware: written for 64 GPUs (8 nodes x 8) at 64 per GPU; on fewer GPUs keep th
 (4.8 at 4096, i.e. 0.3 per 256) unless --config.optim.scale_lr_with_batch=False.
 Precision: bfloat16 compute (the project default); the published SwAV-repo run was float32
 (--config.model.dtype=float32), VISSL's was AMP O1.
-Expected: ImageNet linear-eval top-1 about 70% (python -m dcv2_jax.evaluate --workdir ... --protocol imagenet).
+Expected: ImageNet linear-eval top-1 about 70% (python -m dcv2_jax.linear_eval --workdir ...; the quick
+python -m dcv2_jax.evaluate --workdir ... --protocol imagenet probe reads a little lower).
 """
 from dcv2_jax.config import base_config
 

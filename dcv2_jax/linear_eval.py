@@ -1,0 +1,212 @@
+"""Linear evaluation as published (the SwAV repo's eval_linear): a Linear layer trained on the frozen trunk.
+
+    python -m dcv2_jax.linear_eval --workdir /runs/dcv2_2crops          # weights and data from the run
+    python -m dcv2_jax.linear_eval --weights dcv2_rn50.pth --config configs/dcv2_2crops.py --out /runs/le
+
+Train: RandomResizedCrop 224 (scale 0.08-1) + horizontal flip, the trunk in eval mode (BatchNorm running
+statistics, no gradient), Linear(features, classes) initialised N(0, 0.01) / 0, cross-entropy, SGD momentum
+0.9, weight decay 1e-6, batch 256, 100 epochs, LR 0.3 cosine-annealed per epoch to 0. Validation: Resize 256,
+CentreCrop 224, top-1 / top-5. `python -m dcv2_jax.evaluate` is the quick alternative (a probe on
+pre-extracted centre-crop features: minutes instead of hours, a little below the published numbers).
+
+The data path is the training pipeline's (grain, crops cut on CPU, flip and normalisation on the device) with
+one crop per image and the colour operations off. Runs resume by default: <out> (default
+<workdir>/linear_eval) holds an orbax checkpoint of the Linear layer and its optimizer after every epoch,
+and the same command continues from it. Metrics: <out>/metrics.jsonl, one line per epoch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from dcv2_jax import augment, checkpoint, data, evaluate
+from dcv2_jax import sharding as shd
+from dcv2_jax.config import base_config
+from dcv2_jax.logging_utils import MetricWriter, format_eta
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The published protocol (spec: "Linear eval (SwAV repo)")."""
+  c = ml_collections.ConfigDict()
+  c.epochs = 100
+  c.batch_size = 256             # global
+  c.lr = 0.3
+  c.final_lr = 0.0
+  c.weight_decay = 1e-6
+  c.momentum = 0.9
+  c.nesterov = False
+  c.crop_size = 224              # RandomResizedCrop size; validation: centre crop of the same size
+  c.crop_scale = (0.08, 1.0)
+  c.flip_p = 0.5
+  c.eval_every_epochs = 10       # and after the last epoch
+  c.seed = 0
+  return c
+
+
+def lr_at_epoch(cfg, epoch):
+  """Cosine annealing stepped per epoch, as torch's CosineAnnealingLR(epochs, eta_min=final_lr)."""
+  return cfg.final_lr + (cfg.lr - cfg.final_lr) * 0.5 * (1 + jnp.cos(jnp.pi * epoch / cfg.epochs))
+
+
+def _pipeline_config(data_cfg, cfg, mean, std) -> ml_collections.ConfigDict:
+  """A training-pipeline config: one RandomResizedCrop per image; flip and normalisation only."""
+  c = base_config()
+  c.data = ml_collections.ConfigDict(data_cfg.to_dict())
+  c.data.crops = ((int(cfg.crop_size), 1, float(cfg.crop_scale[0]), float(cfg.crop_scale[1])),)
+  c.batch_size, c.num_epochs, c.seed = int(cfg.batch_size), int(cfg.epochs), int(cfg.seed)
+  a = c.augment
+  a.where, a.flip_p, a.jitter_p, a.grayscale_p, a.blur_p = "device", float(cfg.flip_p), 0.0, 0.0, 0.0
+  a.mean, a.std = tuple(mean), tuple(std)
+  return c
+
+
+def train_linear(apply_fn, variables, data_cfg, out_dir: str, cfg=None, *, mesh=None,
+                 mean=evaluate.DEFAULT_MEAN, std=evaluate.DEFAULT_STD, stop_after_epoch: int | None = None) -> dict:
+  """Trains (or resumes) the Linear layer in `out_dir`; returns the last epoch's record.
+
+  apply_fn(variables, float32 normalised NHWC images) -> pooled features (dcv2_jax.load_trunk gives both).
+  stop_after_epoch: stop once that many epochs are done (a job with a time limit); the same call resumes.
+  """
+  cfg = default_config() if cfg is None else cfg
+  mesh = shd.make_mesh() if mesh is None else mesh
+  is_main = jax.process_index() == 0
+  pcfg = _pipeline_config(data_cfg, cfg, mean, std)
+  pipeline = data.Pipeline(pcfg)
+  if pipeline.num_classes is None:
+    raise ValueError(f"linear evaluation needs labels: data source {data_cfg.source!r} has no classes")
+  spe, num_classes = pipeline.steps_per_epoch, int(pipeline.num_classes)
+  variables = jax.device_put(variables, shd.replicated(mesh))
+
+  # ------------------------------------------------------------------------------ validation features
+  # The trunk is frozen: validation features are extracted once, and every evaluation is one matmul.
+  val_cfg = ml_collections.ConfigDict(data_cfg.to_dict())
+  val_feats, val_labels, _ = evaluate.split_features(apply_fn, variables, val_cfg, val_cfg.eval_split,
+                                                     image_size=int(cfg.crop_size), mesh=mesh, mean=mean, std=std)
+  feature_dim = int(val_feats.shape[1])
+
+  # ------------------------------------------------------------------------------ Linear layer, optimizer
+  tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+                   optax.sgd(lambda count: lr_at_epoch(cfg, count // spe), momentum=cfg.momentum,
+                             nesterov=cfg.nesterov))
+  key = jax.random.key(cfg.seed)
+  params = {"kernel": 0.01 * jax.random.normal(key, (feature_dim, num_classes), jnp.float32),
+            "bias": jnp.zeros((num_classes,), jnp.float32)}
+  state = jax.device_put((params, tx.init(params)), shd.replicated(mesh))
+  ckpts = checkpoint.Checkpoints(out_dir, keep=2)
+  restored = ckpts.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                        state))
+  first_epoch = 0
+  if restored is not None:
+    state, meta = restored
+    first_epoch = int(meta["epoch"])
+    logging.info("linear eval: resumed after epoch %d", first_epoch)
+
+  def step(state, variables, batch, epoch):
+    params, opt_state = state
+    crops = batch["crops"][0][:, 0]                                            # [B, S, S, 3] uint8
+    keys = augment.crop_keys(cfg.seed, epoch, batch["index"], 1)[:, 0]
+    x = augment.device_augment(crops, keys, pcfg.augment, jnp.float32)
+    feats = jax.lax.stop_gradient(apply_fn(variables, x))
+    ok = batch["index"] >= 0                                                    # undecodable: index -1
+
+    def loss_fn(p):
+      ce = optax.softmax_cross_entropy_with_integer_labels(feats @ p["kernel"] + p["bias"], batch["label"])
+      return jnp.sum(jnp.where(ok, ce, 0.0)) / jnp.maximum(jnp.sum(ok), 1)
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), loss
+
+  step = jax.jit(step, donate_argnums=0, out_shardings=(shd.replicated(mesh), shd.replicated(mesh)))
+  writer = MetricWriter(out_dir, enabled=is_main)
+  last = cfg.epochs if stop_after_epoch is None else min(cfg.epochs, stop_after_epoch)
+  record = {"epoch": first_epoch, **meta.get("record", {})} if restored is not None else {}
+  try:
+    t_start = time.time()
+    for epoch in range(first_epoch, last):
+      # -------------------------------------------------------------------------- one epoch
+      t0, losses = time.time(), []
+      with data.device_prefetch(pipeline.iterate(epoch, 0), mesh) as batches:
+        for batch in batches:
+          state, loss = step(state, variables, batch, jnp.int32(epoch))
+          losses.append(loss)
+      record = {"epoch": epoch + 1, "step": (epoch + 1) * spe, "loss": float(np.mean(jax.device_get(losses))),
+                "lr": float(lr_at_epoch(cfg, epoch)), "epoch_s": time.time() - t0}
+      # -------------------------------------------------------------------------- evaluation, checkpoint
+      if (epoch + 1) % cfg.eval_every_epochs == 0 or epoch + 1 == cfg.epochs:
+        zeros, ones = jnp.zeros((feature_dim,)), jnp.ones((feature_dim,))
+        top1, top5 = evaluate._probe_accuracy(state[0], jnp.asarray(val_feats), val_labels, zeros, ones,
+                                              min(5, num_classes))
+        record.update(val_top1=top1, val_top5=top5)
+      ckpts.save(epoch + 1, state, {"epoch": epoch + 1, "record": record, "config": cfg.to_json_best_effort()})
+      done = epoch + 1 - first_epoch
+      eta = (time.time() - t_start) / done * (cfg.epochs - epoch - 1)
+      writer.write(record)
+      logging.info("linear eval epoch %d/%d loss %.4f lr %.4g%s (%.0fs, ETA %s)", epoch + 1, cfg.epochs,
+                   record["loss"], record["lr"],
+                   f" val top-1 {record['val_top1']:.4f} top-5 {record['val_top5']:.4f}" if "val_top1" in record
+                   else "", record["epoch_s"], format_eta(eta))
+  finally:
+    ckpts.close()
+    pipeline.close()
+    writer.close()
+  return record
+
+
+def _parse_args(argv):
+  p = argparse.ArgumentParser(prog="python -m dcv2_jax.linear_eval", description=__doc__.split("\n")[0])
+  p.add_argument("--workdir", help="training workdir: weights and config.json")
+  p.add_argument("--weights", help="anything dcv2_jax.load_trunk accepts (default: --workdir)")
+  p.add_argument("--config", help="config .py or .json for the data (default: <workdir>/config.json)")
+  p.add_argument("--out", help="where checkpoints and metrics go (default: <workdir>/linear_eval)")
+  for key in ("source", "path", "name", "split", "eval_split"):
+    p.add_argument(f"--data.{key}", dest=f"data_{key}", help=f"override config data.{key}")
+  for key, value in default_config().items():
+    if not isinstance(value, tuple):
+      p.add_argument(f"--{key}", type=type(value) if not isinstance(value, bool) else int, default=None,
+                     help=f"default {value}")
+  p.add_argument("--stop_after_epoch", type=int, help="stop after this epoch (the same command continues)")
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+  args = _parse_args(argv)
+  from dcv2_jax import distributed, load_trunk
+  distributed.initialize()
+  if not (args.workdir or args.weights):
+    raise SystemExit("give --workdir or --weights")
+  out = args.out or (os.path.join(args.workdir, "linear_eval") if args.workdir else None)
+  if out is None:
+    raise SystemExit("give --out (or --workdir)")
+  run_cfg = evaluate.load_config(args.config, args.workdir)
+  for key in ("source", "path", "name", "split", "eval_split"):
+    if getattr(args, f"data_{key}") is not None:
+      run_cfg.data[key] = getattr(args, f"data_{key}")
+  cfg = default_config()
+  for key in cfg:
+    if getattr(args, key, None) is not None:
+      cfg[key] = type(cfg[key])(getattr(args, key))
+  if run_cfg.data.source == "digits" and args.crop_size is None:
+    cfg.crop_size = int(run_cfg.data.image_size_digits)     # the demo's images are smaller than 224
+  apply_fn, variables = load_trunk(args.weights or args.workdir)
+  mean = tuple(run_cfg.get("augment", {}).get("mean", evaluate.DEFAULT_MEAN))
+  std = tuple(run_cfg.get("augment", {}).get("std", evaluate.DEFAULT_STD))
+  record = train_linear(apply_fn, variables, run_cfg.data, out, cfg, mean=mean, std=std,
+                        stop_after_epoch=args.stop_after_epoch)
+  if jax.process_index() == 0:
+    print(json.dumps({"linear_eval": record}, default=float))
+  return record
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -1,0 +1,89 @@
+"""Linear evaluation on the frozen trunk: the published schedule, flip-only augmentation, learning on
+digits, resume equal to an uninterrupted run, and the CLI on a training workdir."""
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import digits
+from dcv2_jax import augment, linear_eval
+from dcv2_jax.models import ResNet
+
+
+def small_setup(tmp_path):
+  data_cfg = digits.get_config().data
+  data_cfg.image_size_digits = 24
+  trunk = ResNet(18, 1, 16)
+  variables = jax.jit(lambda k: trunk.init(k, jnp.zeros((1, 24, 24, 3)), train=False))(jax.random.key(0))
+  apply_fn = jax.jit(lambda v, x: trunk.apply(v, x, train=False))
+  cfg = linear_eval.default_config()
+  # A random-init trunk's raw features are badly scaled: a small LR, milder crops and 8 epochs.
+  cfg.epochs, cfg.batch_size, cfg.crop_size, cfg.crop_scale, cfg.lr = 8, 128, 24, (0.3, 1.0), 0.1
+  cfg.eval_every_epochs = 4
+  return apply_fn, variables, data_cfg, cfg
+
+
+def test_schedule_is_cosine_per_epoch():
+  cfg = linear_eval.default_config()
+  for epoch in (0, 1, 37, 99):
+    want = 0.3 * 0.5 * (1 + math.cos(math.pi * epoch / 100))
+    assert abs(float(linear_eval.lr_at_epoch(cfg, epoch)) - want) < 1e-6
+  assert float(linear_eval.lr_at_epoch(cfg, 0)) == pytest.approx(0.3)
+
+
+def test_train_augmentation_is_flip_and_normalisation_only():
+  cfg = linear_eval._pipeline_config(digits.get_config().data, linear_eval.default_config(), (0.5, 0.4, 0.3),
+                                     (0.2, 0.25, 0.3))
+  assert cfg.data.crops == ((224, 1, 0.08, 1.0),)
+  x = np.random.default_rng(0).integers(0, 256, (64, 8, 8, 3), dtype=np.uint8)
+  keys = jax.random.split(jax.random.key(1), 64)
+  y = np.asarray(augment.device_augment(jnp.asarray(x), keys, cfg.augment, jnp.float32))
+  ref = (x / 255.0 - np.array([0.5, 0.4, 0.3])) / np.array([0.2, 0.25, 0.3])
+  flipped = [np.allclose(y[i], ref[i][:, ::-1], atol=1e-4) for i in range(64)]
+  same = [np.allclose(y[i], ref[i], atol=1e-4) for i in range(64)]
+  assert all(f or s for f, s in zip(flipped, same))          # no colour change, no blur
+  assert 16 <= sum(flipped) <= 48                             # flips with p = 0.5
+
+
+def test_learns_digits_and_resume_equals_uninterrupted(tmp_path):
+  apply_fn, variables, data_cfg, cfg = small_setup(tmp_path)
+  full = linear_eval.train_linear(apply_fn, variables, data_cfg, str(tmp_path / "full"), cfg, mean=(0.5,) * 3,
+                                  std=(0.25,) * 3)
+  assert full["epoch"] == 8 and full["val_top1"] > 0.4       # chance is 0.1 (0.53 when written)
+  lines = [json.loads(l) for l in open(tmp_path / "full" / "metrics.jsonl")]
+  assert [r["epoch"] for r in lines] == list(range(1, 9)) and lines[-1]["loss"] < lines[0]["loss"]
+  assert "val_top1" in lines[3] and "val_top1" not in lines[4]     # every 4 epochs and at the end
+
+  part = str(tmp_path / "part")
+  first = linear_eval.train_linear(apply_fn, variables, data_cfg, part, cfg, mean=(0.5,) * 3, std=(0.25,) * 3,
+                                   stop_after_epoch=5)
+  assert first["epoch"] == 5
+  resumed = linear_eval.train_linear(apply_fn, variables, data_cfg, part, cfg, mean=(0.5,) * 3, std=(0.25,) * 3)
+  assert resumed["epoch"] == 8
+  assert resumed["val_top1"] == pytest.approx(full["val_top1"], abs=1e-9)
+  assert resumed["loss"] == pytest.approx(full["loss"], rel=1e-6)
+
+  # Asked again once complete: nothing is trained, the last record comes back.
+  again = linear_eval.train_linear(apply_fn, variables, data_cfg, part, cfg, mean=(0.5,) * 3, std=(0.25,) * 3)
+  assert again["epoch"] == 8 and again["val_top1"] == resumed["val_top1"]
+
+
+def test_cli_on_a_training_workdir(tmp_path, capsys):
+  from dcv2_jax.trainer import train_and_evaluate
+  c = digits.get_config()
+  c.data.image_size_digits, c.data.crops = 16, ((16, 2, 0.4, 1.0),)
+  c.model.base_width, c.model.head_dims, c.loss.num_clusters = 8, (32, 16), (10, 10, 10)
+  c.num_epochs, c.eval_at_end = 1, False
+  workdir = str(tmp_path / "run")
+  train_and_evaluate(c, workdir)
+  record = linear_eval.main(["--workdir", workdir, "--epochs", "2", "--lr", "0.1", "--eval_every_epochs", "1"])
+  assert record["epoch"] == 2 and 0.1 < record["val_top1"] <= 1.0
+  lines = [json.loads(l) for l in open(os.path.join(workdir, "linear_eval", "metrics.jsonl"))]
+  assert [r["epoch"] for r in lines] == [1, 2] and all("val_top5" in r for r in lines)
+  printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert printed["linear_eval"]["epoch"] == 2
+  assert os.path.isdir(os.path.join(workdir, "linear_eval", "checkpoints", "2"))
