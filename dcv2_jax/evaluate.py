@@ -6,7 +6,8 @@
 Features are extracted once per split (eval transform: the data pipeline's resize/centre crop, no
 augmentation) and both kNN and the probe run on those pre-extracted pooled features. That differs from
 the SwAV linear-eval recipe, which trains the probe on augmented crops (RandomResizedCrop + flip): expect
-numbers slightly below the published ones for the same weights.
+numbers slightly below the published ones for the same weights. `python -m dcv2_jax.linear_eval` runs that
+recipe (hours on ImageNet instead of minutes).
 
 Splits: train features come from `data.split`, test features from `data.eval_split`. The `digits` source
 has no official splits; the data pipeline makes a deterministic 80/20 one, so use data.split='train' and
