@@ -46,6 +46,13 @@ class Checkpoints:
                                                              meta=ocp.args.JsonRestore()))
     return out["state"], out["meta"]
 
+  def restore_meta(self, step: int | None = None) -> dict | None:
+    """The JSON record of `step` (default: the newest complete checkpoint) alone, or None."""
+    step = self.manager.latest_step() if step is None else step
+    if step is None:
+      return None
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 

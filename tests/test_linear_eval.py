@@ -35,6 +35,42 @@ def test_schedule_is_cosine_per_epoch():
   assert float(linear_eval.lr_at_epoch(cfg, 0)) == pytest.approx(0.3)
 
 
+def test_optimizer_is_torch_sgd_with_the_epoch_lr():
+  """make_optimizer + the step's -lr(epoch) scaling against torch.optim.SGD's update, written out: coupled
+  weight decay on every parameter, momentum buffer starting at the first gradient, LR of the epoch."""
+  cfg = linear_eval.default_config()
+  cfg.epochs, cfg.weight_decay, cfg.momentum = 4, 1e-2, 0.9
+  tx = linear_eval.make_optimizer(cfg)
+  rng = np.random.default_rng(0)
+  p = {"kernel": rng.normal(size=(3, 2)), "bias": rng.normal(size=(2,))}
+  ref = {k: v.copy() for k, v in p.items()}
+  buf = None
+  state = tx.init(jax.tree.map(jnp.asarray, p))
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), p)
+  for t, epoch in enumerate([0, 0, 1, 1, 2, 3]):
+    g = {k: rng.normal(size=v.shape) for k, v in p.items()}
+    lr = 0.3 * 0.5 * (1 + math.cos(math.pi * epoch / 4))
+    d = {k: g[k] + 1e-2 * ref[k] for k in ref}
+    buf = d if buf is None else {k: 0.9 * buf[k] + d[k] for k in d}
+    ref = {k: ref[k] - lr * buf[k] for k in ref}
+    updates, state = tx.update(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), g), state, params)
+    params = jax.tree.map(lambda q, u: q - linear_eval.lr_at_epoch(cfg, epoch) * u, params, updates)
+  for k in ref:
+    np.testing.assert_allclose(np.asarray(params[k]), ref[k], rtol=1e-5, atol=1e-6)
+
+
+def test_masked_cross_entropy_ignores_undecodable_rows():
+  logits = jnp.asarray(np.random.default_rng(1).normal(size=(4, 3)), jnp.float32)
+  labels = jnp.asarray([0, 2, -1, 1])
+  ok = jnp.asarray([True, True, False, True])
+  lse = np.log(np.exp(np.asarray(logits, np.float64)).sum(1))
+  want = np.mean([lse[i] - float(logits[i, int(labels[i])]) for i in (0, 1, 3)])
+  assert float(linear_eval.masked_cross_entropy(logits, labels, ok)) == pytest.approx(want, rel=1e-5)
+  g = jax.grad(lambda l: linear_eval.masked_cross_entropy(l, labels, ok))(logits)
+  assert np.all(np.asarray(g)[2] == 0)
+  assert float(linear_eval.masked_cross_entropy(logits, labels, jnp.zeros(4, bool))) == 0.0
+
+
 def test_train_augmentation_is_flip_and_normalisation_only():
   cfg = linear_eval._pipeline_config(digits.get_config().data, linear_eval.default_config(), (0.5, 0.4, 0.3),
                                      (0.2, 0.25, 0.3))
@@ -54,6 +90,8 @@ def test_learns_digits_and_resume_equals_uninterrupted(tmp_path):
   full = linear_eval.train_linear(apply_fn, variables, data_cfg, str(tmp_path / "full"), cfg, mean=(0.5,) * 3,
                                   std=(0.25,) * 3)
   assert full["epoch"] == 8 and full["val_top1"] > 0.4       # chance is 0.1 (0.53 when written)
+  assert full["val_rows"] == 359                              # digits' held-out split, not the train split
+  assert full["val_top1_best"] >= full["val_top1"]
   lines = [json.loads(l) for l in open(tmp_path / "full" / "metrics.jsonl")]
   assert [r["epoch"] for r in lines] == list(range(1, 9)) and lines[-1]["loss"] < lines[0]["loss"]
   assert "val_top1" in lines[3] and "val_top1" not in lines[4]     # every 4 epochs and at the end
@@ -70,6 +108,10 @@ def test_learns_digits_and_resume_equals_uninterrupted(tmp_path):
   # Asked again once complete: nothing is trained, the last record comes back.
   again = linear_eval.train_linear(apply_fn, variables, data_cfg, part, cfg, mean=(0.5,) * 3, std=(0.25,) * 3)
   assert again["epoch"] == 8 and again["val_top1"] == resumed["val_top1"]
+  # Another protocol in the same directory is refused (the LR schedule would no longer fit the state).
+  cfg.batch_size = 64
+  with pytest.raises(ValueError, match="holds a linear eval"):
+    linear_eval.train_linear(apply_fn, variables, data_cfg, part, cfg, mean=(0.5,) * 3, std=(0.25,) * 3)
 
 
 def test_cli_on_a_training_workdir(tmp_path, capsys):
