@@ -504,6 +504,7 @@ def main(argv=None) -> dict:
   args = _parse_args(argv)
   from dcv2_jax import distributed
   distributed.initialize()       # joins the other processes when launched under SLURM / Open MPI / k8s
+  logging.set_verbosity(logging.INFO)       # feature-extraction progress
   if not (args.workdir or args.weights):
     raise SystemExit("give --workdir or --weights")
   cfg = load_config(args.config, args.workdir)

@@ -217,6 +217,7 @@ def main(argv=None) -> dict:
   args = _parse_args(argv)
   from dcv2_jax import distributed, load_trunk
   distributed.initialize()
+  logging.set_verbosity(logging.INFO)       # the per-epoch progress lines (hours on ImageNet)
   if not (args.workdir or args.weights):
     raise SystemExit("give --workdir or --weights")
   out = args.out or (os.path.join(args.workdir, "linear_eval") if args.workdir else None)
