@@ -252,7 +252,9 @@ def normalize(images, cfg, out_dtype=jnp.bfloat16):
 def apply_params(images, params: dict, cfg, out_dtype=jnp.bfloat16):
   """Flip, jitter, grayscale, blur and normalise uint8 [N, S, S, 3] with explicit parameters ([N] arrays).
 
-  `device_augment` = `augment_params` + this; tests call it with chosen parameters.
+  `device_augment` = `augment_params` + this; tests call it with chosen parameters. An op whose
+  probability in cfg is 0 is left out of the program (never drawn, so nothing changes but the cost: the
+  linear evaluation's flip-only crops skip the jitter rounds and the blur matmuls).
   """
   n, size = images.shape[0], images.shape[1]
   if images.shape[2] != size:
@@ -262,14 +264,21 @@ def apply_params(images, params: dict, cfg, out_dtype=jnp.bfloat16):
   r, g, b = x[..., 0], x[..., 1], x[..., 2]
 
   # One elementwise pass (plus the contrast mean, a per-image reduction).
-  order = jnp.asarray(params["order"]) if _cfg(cfg, "jitter_order", "random") == "random" else None
-  jr, jg, jb = jitter_planes(jnp, r, g, b, per_image(params["brightness"]), per_image(params["contrast"]),
-                             per_image(params["saturation"]), per_image(params["hue"]), order)
-  on = per_image(params["jitter"])
-  r, g, b = jnp.where(on, jr, r), jnp.where(on, jg, g), jnp.where(on, jb, b)
-  gray = per_image(params["gray"])
-  y = _luma(r, g, b)
-  x = jnp.stack([jnp.where(gray, y, r), jnp.where(gray, y, g), jnp.where(gray, y, b)], axis=-1)
+  if float(_cfg(cfg, "jitter_p", 0.8)) > 0:
+    order = jnp.asarray(params["order"]) if _cfg(cfg, "jitter_order", "random") == "random" else None
+    jr, jg, jb = jitter_planes(jnp, r, g, b, per_image(params["brightness"]), per_image(params["contrast"]),
+                               per_image(params["saturation"]), per_image(params["hue"]), order)
+    on = per_image(params["jitter"])
+    r, g, b = jnp.where(on, jr, r), jnp.where(on, jg, g), jnp.where(on, jb, b)
+  if float(_cfg(cfg, "grayscale_p", 0.2)) > 0:
+    gray = per_image(params["gray"])
+    y = _luma(r, g, b)
+    r, g, b = jnp.where(gray, y, r), jnp.where(gray, y, g), jnp.where(gray, y, b)
+  x = jnp.stack([r, g, b], axis=-1)
+  mean, std = _mean_std(cfg)
+  if float(_cfg(cfg, "blur_p", 0.5)) <= 0:
+    x = jnp.where(jnp.asarray(params["flip"])[:, None, None, None], x[:, :, ::-1], x)
+    return ((x - mean) * (1.0 / std)).astype(out_dtype)
 
   # Blur as two batched matmuls (tensor cores on GPU; a grouped conv was far slower, see perf.md). Images
   # not blurred get the identity (a one-hot centre tap); the flip is the width matrix's columns reversed.
@@ -284,8 +293,6 @@ def apply_params(images, params: dict, cfg, out_dtype=jnp.bfloat16):
   prec = jax.lax.Precision.HIGHEST if jnp.dtype(out_dtype) == jnp.float32 else None
   x = jnp.einsum("nij,njwc->niwc", m_h, x, precision=prec)
   x = jnp.einsum("nkw,niwc->nikc", m_w, x, precision=prec)
-
-  mean, std = _mean_std(cfg)
   return ((x - mean) * (1.0 / std)).astype(out_dtype)
 
 

@@ -226,3 +226,19 @@ def test_jitter_order_is_a_uniform_permutation():
   np.testing.assert_allclose(first, 0.25, atol=0.03)
   perms = {tuple(o) for o in order}
   assert len(perms) == 24
+
+
+def test_ops_with_probability_zero_are_left_out_without_changing_the_result():
+  """jitter/gray/blur at p = 0 take the short path (no jitter rounds, no blur matmuls): the same pixels as
+  the full path with those ops drawn off, in float32."""
+  cfg = config.base_config().augment
+  cfg.jitter_p, cfg.grayscale_p, cfg.blur_p = 0.0, 0.0, 0.0
+  x = jnp.asarray(np.random.default_rng(3).integers(0, 256, (32, 12, 12, 3), dtype=np.uint8))
+  keys = jax.random.split(jax.random.key(4), 32)
+  q = augment.augment_params(keys, cfg)
+  assert not np.any(np.asarray(q["jitter"]) | np.asarray(q["gray"]) | np.asarray(q["blur"]))
+  short = jax.jit(lambda x, q: augment.apply_params(x, q, cfg, jnp.float32))
+  np.testing.assert_allclose(np.asarray(short(x, q)), np.asarray(apply_f32(x, q)), atol=1e-5)
+  hlo = short.lower(x, q).as_text()
+  assert "dot_general" not in hlo and "while" not in hlo      # no blur matmul, no jitter rounds
+  assert np.asarray(q["flip"]).any() and not np.asarray(q["flip"]).all()
