@@ -17,7 +17,6 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -77,6 +76,7 @@ class PreemptionNotice:
   def __init__(self):
     self.received = False
     self._previous = None
+    self._tags = {}                    # (flag, shape, sharding) -> the device array: no upload per step
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
@@ -97,8 +97,11 @@ class PreemptionNotice:
   def tag(self, batch: dict) -> dict:
     """batch (global arrays) plus `stop` [global batch] int32: this process's rows hold its flag."""
     index = batch["index"]
-    local = np.full((index.shape[0] // jax.process_count(),), int(self.received), np.int32)
-    return dict(batch, stop=jax.make_array_from_process_local_data(index.sharding, local))
+    key = (self.received, index.shape, index.sharding)
+    if key not in self._tags:
+      local = np.full((index.shape[0] // jax.process_count(),), int(self.received), np.int32)
+      self._tags[key] = jax.make_array_from_process_local_data(index.sharding, local)
+    return dict(batch, stop=self._tags[key])
 
 
 def abstract_like(shape_tree, shardings):

@@ -483,14 +483,31 @@ def load_config(path: str | None, workdir: str | None) -> ml_collections.ConfigD
   return module.get_config(arg) if arg else module.get_config()
 
 
+DATA_OVERRIDES = ("source", "path", "name", "split", "eval_split")
+
+
+def add_data_flags(parser) -> None:
+  """--data.KEY flags that override the run config's data section (evaluate and linear_eval CLIs)."""
+  for key in DATA_OVERRIDES:
+    parser.add_argument(f"--data.{key}", dest=f"data_{key}", help=f"override config data.{key}")
+
+
+def run_config(args) -> ml_collections.ConfigDict:
+  """The config of --config / <--workdir>/config.json with the --data.KEY overrides applied."""
+  cfg = load_config(args.config, args.workdir)
+  for key in DATA_OVERRIDES:
+    if getattr(args, f"data_{key}") is not None:
+      cfg.data[key] = getattr(args, f"data_{key}")
+  return cfg
+
+
 def _parse_args(argv):
   p = argparse.ArgumentParser(prog="python -m dcv2_jax.evaluate", description=__doc__.split("\n")[0])
   p.add_argument("--workdir", help="training workdir: weights, config.json, assignments; results appended "
                                    "to its metrics.jsonl")
   p.add_argument("--weights", help="anything dcv2_jax.load_trunk accepts (default: --workdir)")
   p.add_argument("--config", help="config .py (get_config) or .json (default: <workdir>/config.json)")
-  for key in ("source", "path", "name", "split", "eval_split"):
-    p.add_argument(f"--data.{key}", dest=f"data_{key}", help=f"override config data.{key}")
+  add_data_flags(p)
   p.add_argument("--protocol", choices=("auto", "fast", "imagenet"), default="auto",
                  help="auto: fast for the digits source, imagenet otherwise")
   p.add_argument("--image_size", type=int, help="eval resolution (default: digits size / largest crop)")
@@ -507,10 +524,7 @@ def main(argv=None) -> dict:
   logging.set_verbosity(logging.INFO)       # feature-extraction progress
   if not (args.workdir or args.weights):
     raise SystemExit("give --workdir or --weights")
-  cfg = load_config(args.config, args.workdir)
-  for key in ("source", "path", "name", "split", "eval_split"):
-    if getattr(args, f"data_{key}") is not None:
-      cfg.data[key] = getattr(args, f"data_{key}")
+  cfg = run_config(args)
   name = args.protocol if args.protocol != "auto" else ("fast" if cfg.data.source == "digits" else "imagenet")
   protocol = get_protocol(name)
   if args.knn_k:

@@ -203,8 +203,7 @@ def _parse_args(argv):
   p.add_argument("--weights", help="anything dcv2_jax.load_trunk accepts (default: --workdir)")
   p.add_argument("--config", help="config .py or .json for the data (default: <workdir>/config.json)")
   p.add_argument("--out", help="where checkpoints and metrics go (default: <workdir>/linear_eval)")
-  for key in ("source", "path", "name", "split", "eval_split"):
-    p.add_argument(f"--data.{key}", dest=f"data_{key}", help=f"override config data.{key}")
+  evaluate.add_data_flags(p)
   for key, value in default_config().items():
     kind = {bool: lambda v: v.lower() in ("1", "true", "yes"), tuple: lambda v: tuple(float(x) for x in v.split(","))
             }.get(type(value), type(value))
@@ -223,10 +222,7 @@ def main(argv=None) -> dict:
   out = args.out or (os.path.join(args.workdir, "linear_eval") if args.workdir else None)
   if out is None:
     raise SystemExit("give --out (or --workdir)")
-  run_cfg = evaluate.load_config(args.config, args.workdir)
-  for key in ("source", "path", "name", "split", "eval_split"):
-    if getattr(args, f"data_{key}") is not None:
-      run_cfg.data[key] = getattr(args, f"data_{key}")
+  run_cfg = evaluate.run_config(args)
   cfg = default_config()
   for key in cfg:
     if getattr(args, key, None) is not None:

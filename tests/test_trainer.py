@@ -65,6 +65,16 @@ def logged_step(metrics) -> int:
   return max(steps)
 
 
+def assert_same_as_reference(workdir, reference_run):
+  """A resumed run ends where the uninterrupted reference does: step 44, weights and centroids to 1e-6."""
+  got, got_c, step = final_params(workdir)
+  ref, ref_c, _ = final_params(reference_run)
+  assert step == 44
+  for a, b in zip(got, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(got_c, ref_c, rtol=1e-6, atol=1e-7)
+
+
 def final_params(workdir):
   _, variables, centroids, step = restore_model_variables(workdir)
   return jax.tree.leaves(variables), centroids, step
@@ -109,12 +119,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(reference_run, tmp_p
   done = subprocess.run(cli_args(workdir), env=env(8), capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "resumed from step" in done.stderr
-  got, got_c, step = final_params(workdir)
-  ref, ref_c, _ = final_params(reference_run)
-  assert step == 44
-  for a, b in zip(got, ref):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-  np.testing.assert_allclose(got_c, ref_c, rtol=1e-6, atol=1e-7)
+  assert_same_as_reference(workdir, reference_run)
 
 
 def test_sigterm_saves_the_current_step_then_resume_equals_uninterrupted(reference_run, tmp_path):
@@ -138,12 +143,7 @@ def test_sigterm_saves_the_current_step_then_resume_equals_uninterrupted(referen
                         text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   assert f"resumed from step {saved[-1]}" in done.stderr
-  got, got_c, step = final_params(str(workdir))
-  ref, ref_c, _ = final_params(reference_run)
-  assert step == 44
-  for a, b in zip(got, ref):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-  np.testing.assert_allclose(got_c, ref_c, rtol=1e-6, atol=1e-7)
+  assert_same_as_reference(str(workdir), reference_run)
 
 
 def test_resume_on_four_devices(reference_run, tmp_path):
