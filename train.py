@@ -12,6 +12,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from dcv2_jax import config as config_lib
 from dcv2_jax import distributed
 
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
@@ -32,30 +33,30 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                          FLAGS.local_device_ids)
-  from dcv2_jax import trainer   # after initialize: nothing may touch the devices before it
+  # After initialize: nothing may touch the devices before it.
+  from dcv2_jax import trainer  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.INFO)
   # orbax narrates every save at INFO; keep its warnings, drop the chatter from the progress log.
   logging.get_absl_handler().addFilter(lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname)
-  summary = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    summary = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except config_lib.ConfigError as e:
+    sys.exit(f"error: {e}")
   if summary.get("preempted"):
     sys.exit(PREEMPTED_EXIT_CODE)
 
 
 def check_config_overrides(argv) -> None:
   """Unknown --config.KEY overrides: exit with the list of valid keys (before ml_collections' traceback)."""
-  import importlib.util
-  from dcv2_jax.config import unknown_keys_message
   paths = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
   keys = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
   if not paths or not keys:
     return
-  path, _, arg = paths[-1].partition(":")
-  spec = importlib.util.spec_from_file_location("_dcv2_config", path)
-  if spec is None:
+  try:
+    config = config_lib.load_file(paths[-1])
+  except (OSError, AttributeError):
     return   # let config_flags report the bad path
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  message = unknown_keys_message(module.get_config(*([arg] if arg else [])), keys)
+  message = config_lib.unknown_keys_message(config, keys)
   if message:
     sys.exit(f"error: {message}")
 

@@ -8,7 +8,7 @@ only need one submodule (export to .safetensors, data preparation) start fast an
 def load_trunk(path):
   """(apply_fn, variables) for a workdir, checkpoint or exported torchvision/SwAV/VISSL file.
 
-  See dcv2_jax.export.load_trunk; imported lazily so `import dcv2_jax` stays light.
+  See dcv2_jax.load.load_trunk; imported on first use so that `import dcv2_jax` stays light.
   """
-  from dcv2_jax.export import load_trunk as _load_trunk
-  return _load_trunk(path)
+  from dcv2_jax import load  # pylint: disable=g-import-not-at-top
+  return load.load_trunk(path)

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+WHERE = ("device", "host")             # augment.where: inside the jitted step | on CPU in the data pipeline
+JITTER_ORDERS = ("random", "fixed")    # augment.jitter_order
 # Luma weights of torchvision's rgb_to_grayscale (ITU-R 601-2).
 LUMA = (0.2989, 0.587, 0.114)
 # Uniform draws per crop, by position: flip, jitter on, brightness, contrast, saturation, hue, gray on,
@@ -304,6 +306,30 @@ def device_augment(images, keys, cfg, out_dtype=jnp.bfloat16):
   return apply_params(images, augment_params(keys, cfg), cfg, out_dtype)
 
 
+def augment_crops(crops, index, epoch, cfg, *, seed: int, out_dtype, crop_ids=None) -> list:
+  """A batch's uint8 crop groups [B, n, S, S, 3] -> augmented, normalised groups in out_dtype (what the
+  network sees). With augment.where == 'host' the colour ops already ran in the pipeline: normalise only.
+
+  Each crop's randomness comes from (seed, epoch, dataset index, crop number) only, so the crops do not
+  depend on the device, worker or process count. crop_ids: the crop numbers of each group's columns
+  (default: the groups' crops in order, 0, 1, ...).
+  """
+  if crop_ids is None:
+    counts = [x.shape[1] for x in crops]
+    crop_ids = [tuple(range(sum(counts[:g]), sum(counts[:g + 1]))) for g in range(len(crops))]
+  keys = crop_keys(seed, epoch, index, max(max(ids) for ids in crop_ids) + 1)     # [B, C]
+  out = []
+  for x, ids in zip(crops, crop_ids):
+    b, n = x.shape[:2]
+    flat = x.reshape((b * n,) + x.shape[2:])
+    if _cfg(cfg, "where") == "device":
+      y = device_augment(flat, keys[:, jnp.asarray(ids)].reshape(b * n), cfg, out_dtype)
+    else:
+      y = normalize(flat, cfg, out_dtype)
+    out.append(y.reshape(x.shape))
+  return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Host path (numpy, one sample's crops of one size at a time)
 # ----------------------------------------------------------------------------------------------------------
@@ -314,6 +340,7 @@ def host_augment(crops: np.ndarray, uniforms: np.ndarray, cfg) -> np.ndarray:
   Output stays uint8 (rounded), so the train step only normalises. The blur uses scipy's correlate1d in
   'mirror' mode (= reflect-101) with the same taps: no BLAS threads to fight the data workers for cores.
   """
+  # Late: only the host path (augment.where='host', in the grain workers) needs scipy.
   from scipy import ndimage  # pylint: disable=g-import-not-at-top
 
   p = params_from_uniforms(np.asarray(uniforms, np.float32), cfg)

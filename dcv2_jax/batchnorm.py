@@ -67,3 +67,10 @@ class BatchNorm(nn.Module):
 
     y = (xg - mean) * jnp.reciprocal(jnp.sqrt(var + self.epsilon)) * scale + bias
     return y.reshape(x.shape).astype(self.dtype)
+
+
+def num_groups(group_size: int, num_devices: int, local_devices: int) -> int:
+  """SyncBN group size in devices (VISSL's GROUP_SIZE: 0 global, -1 one host, k devices) -> number of
+  groups. config.validate has checked that the groups divide the devices."""
+  size = {0: num_devices, -1: local_devices}.get(group_size, group_size)
+  return num_devices // size

@@ -20,10 +20,19 @@ import json
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from dcv2_jax import augment, kmeans, kmeans_kernel, memory_bank
+from dcv2_jax.config import base_config
+from dcv2_jax.data import benchmark as data_benchmark
+from dcv2_jax.epoch_steps import jit_epoch_steps
+from dcv2_jax.models import DTYPES, STAGES
+from dcv2_jax.sharding import batch_sharded, local_batch_to_global, make_mesh, replicated
+from dcv2_jax.train_state import make_spec
 
 CROPS = {"2x224": ((224, 2, 0.08, 1.0),), "2x160+4x96": ((160, 2, 0.08, 1.0), (96, 4, 0.05, 0.14)),
          "2x224+6x96": ((224, 2, 0.14, 1.0), (96, 6, 0.05, 0.14))}
@@ -67,9 +76,6 @@ def _time(fn, state, args, steps: int, warmup: int):
 
 def bench_dcv2_step(crops, batch: int, depth: int, base_width: int, dtype: str, steps: int, warmup: int,
                     num_clusters: int, bank_steps: int, jitter_order: str = "random") -> dict:
-  from dcv2_jax import train_step as ts
-  from dcv2_jax.config import base_config
-  from dcv2_jax.sharding import local_batch_to_global, make_mesh
   c = base_config()
   c.batch_size, c.num_epochs = batch, 10
   c.data.crops = crops
@@ -78,9 +84,9 @@ def bench_dcv2_step(crops, batch: int, depth: int, base_width: int, dtype: str, 
   c.model.head_dims = (max(8 * base_width, 16) * 4, 128) if base_width < 64 else (2048, 128)
   c.loss.num_clusters = (num_clusters,) * 3
   mesh = make_mesh()
-  spec = ts.make_spec(c, num_examples=bank_steps * batch, steps_per_epoch=bank_steps)
-  comp = ts.compile_for_mesh(spec, mesh)
-  state = comp.init(jax.random.key(0))
+  spec = make_spec(c, num_examples=bank_steps * batch, steps_per_epoch=bank_steps)
+  steps_ = jit_epoch_steps(spec, mesh)
+  state = steps_.init(jax.random.key(0))
   rng = np.random.default_rng(0)
   cents = rng.normal(size=state.centroids.shape).astype(np.float32)
   cents /= np.linalg.norm(cents, axis=-1, keepdims=True)
@@ -91,7 +97,8 @@ def bench_dcv2_step(crops, batch: int, depth: int, base_width: int, dtype: str, 
   data = {"crops": [rng.integers(0, 256, (local, int(n), int(s), int(s), 3), dtype=np.uint8) for s, n, *_ in crops],
           "index": np.arange(local, dtype=np.int32), "label": np.zeros(local, np.int32)}
   gbatch = local_batch_to_global(data, mesh)
-  compile_s, ms = _time(comp.train_step, state, (gbatch,), steps, warmup)
+  train = lambda s, b: (lambda new, *out: (new, out))(*steps_.train(s, b))     # (state, (metrics, control))
+  compile_s, ms = _time(train, state, (gbatch,), steps, warmup)
   n_img = sum(int(n) for _, n, *_ in crops) * batch
   n_224 = sum(int(n) * (int(s) / 224) ** 2 for s, n, *_ in crops) * batch
   return {"step_ms": round(ms, 2), "img_per_s": round(n_img / ms * 1e3, 1),
@@ -103,8 +110,6 @@ def plain_flax_classifier(depth: int, base_width: int, dtype):
   """The baseline network: a ResNet written the plain Flax way (flax's examples/imagenet style: nn.Conv,
   nn.BatchNorm with its fast variance, 'SAME' pooling), independent of our trunk, so the comparison is
   with what a Flax user gets without this project, as perf.md's anchor was measured."""
-  import flax.linen as nn
-  from dcv2_jax.models import STAGES
   kind, blocks = STAGES[depth]
   expansion = 4 if kind == "bottleneck" else 1
 
@@ -140,9 +145,6 @@ def plain_flax_classifier(depth: int, base_width: int, dtype):
 def bench_supervised_step(batch: int, size: int, depth: int, base_width: int, dtype: str, steps: int,
                           warmup: int) -> dict:
   """The baseline: plain Flax ResNet (plain_flax_classifier), Linear 1000, cross-entropy, SGD momentum."""
-  from dcv2_jax.models import DTYPES
-  from dcv2_jax.sharding import batch_sharded, make_mesh, replicated
-
   model, tx = plain_flax_classifier(depth, base_width, DTYPES[dtype]), optax.sgd(0.1, momentum=0.9)
   mesh = make_mesh()
   x = jax.device_put(jax.random.normal(jax.random.key(1), (batch, size, size, 3)), batch_sharded(mesh))
@@ -171,9 +173,6 @@ def bench_supervised_step(batch: int, size: int, depth: int, base_width: int, dt
 def bench_augment(count: int, size: int, jitter_order: str, dtype: str, steps: int, warmup: int) -> dict:
   """`augment.device_augment` alone on `count` uint8 crops of `size` (the step's colour ops, with the
   default config's probabilities): flip, jitter in random or fixed order, grayscale, blur, normalisation."""
-  from dcv2_jax import augment
-  from dcv2_jax.config import base_config
-  from dcv2_jax.sharding import batch_sharded, make_mesh
   cfg = base_config().augment
   cfg.jitter_order = jitter_order
   mesh = make_mesh()
@@ -189,9 +188,7 @@ def bench_augment(count: int, size: int, jitter_order: str, dtype: str, steps: i
 
 def bench_kmeans(n: int, dim: int, heads: int, k: int, iters: int, chunk: int, dtype: str, batch: int,
                  sums: str = "scatter", assign: str = "xla") -> dict:
-  """All heads as the trainer runs them (memory_bank.cluster on a sharded bank of ~n rows)."""
-  from dcv2_jax import memory_bank
-  from dcv2_jax.sharding import make_mesh
+  """All heads as the trainer runs them (kmeans.cluster_heads on a sharded bank of ~n rows)."""
   mesh = make_mesh()
   steps = max(1, n // batch)
   shardings = memory_bank.bank_shardings(mesh)
@@ -199,10 +196,8 @@ def bench_kmeans(n: int, dim: int, heads: int, k: int, iters: int, chunk: int, d
       z=_unit(jax.random.normal(key, (2, steps, batch, dim))), index=jnp.arange(steps * batch, dtype=jnp.int32)
       .reshape(steps, batch)), out_shardings=shardings)
   bank = make(jax.random.key(0))
-  shards = mesh.devices.size if batch % mesh.devices.size == 0 else 1
-  run = jax.jit(lambda b, key: memory_bank.cluster(key, b, (k,) * heads, iters, steps * batch, crops_for_mb_count=2,
-                                                  chunk_size=chunk, shards=shards, compute_dtype=dtype,
-                                                  sums=sums, assign=assign, mesh=mesh)[:2])
+  settings = kmeans.KMeansSettings(chunk_size=chunk, dtype=dtype, sums=sums, assign=assign)
+  run = jax.jit(lambda b, key: kmeans.cluster_heads(key, b, (k,) * heads, iters, steps * batch, settings, mesh)[:2])
   t0 = time.perf_counter()
   jax.block_until_ready(run(bank, jax.random.key(1)))
   compile_s = time.perf_counter() - t0
@@ -221,12 +216,11 @@ def bench_assign(n: int, dim: int, k: int, dtype: str, configs, steps: int) -> l
   argmax in lloyd's chunks of 65,536 rows next to the fused kernel at each (block_rows, block_k, num_warps,
   num_stages) in `configs`. Every case scores the same rows: n rounded down to whole chunks (1,245,184 of
   1,281,167 at ImageNet scale, so no case pays for padding); kmeans_3_heads_s scales to all n rows."""
-  from dcv2_jax import kmeans, kmeans_kernel
   chunk = min(n, 65536)
   rows = n // chunk * chunk
   x = _unit(jax.random.normal(jax.random.key(0), (rows, dim))).astype(dtype)
   c = _unit(jax.random.normal(jax.random.key(1), (k, dim)))
-  xla = jax.jit(lambda x, c: jax.lax.map(lambda xs: kmeans._nearest(xs[None], c.astype(x.dtype), None, "xla", None),
+  xla = jax.jit(lambda x, c: jax.lax.map(lambda xs: kmeans._nearest(xs[None], c.astype(x.dtype), kmeans.KMeansSettings(), None),
                                          x.reshape(-1, chunk, dim)))
   cases = [("xla", xla)] + [
       (f"pallas {br}x{bk} w{nw} s{ns}",
@@ -318,8 +312,7 @@ def main(argv=None) -> list[dict]:
     passed = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "all"]
     return [r for case in ALL for r in main(case + passed)]
   if args.what == "pipeline":
-    from dcv2_jax.data import benchmark
-    return benchmark.main((["--quick"] if args.quick else []) + rest)
+    return data_benchmark.main((["--quick"] if args.quick else []) + rest)
   if rest:
     ap.error(f"unknown arguments {rest}")
   orders = [o for o in args.jitter_orders.split(",") if o]

@@ -1,107 +1,221 @@
-"""Checkpoints with orbax: the whole DCv2 state plus a JSON record (config, data position, step).
+"""Step 5: checkpoints with orbax, the whole DCv2 state plus a JSON record (config, step, data size).
 
 Orbax writes each step into a temporary directory and renames it when complete, so a run killed while
 saving leaves no checkpoint that looks finished: a partly written checkpoint is never loaded. Arrays are
 restored onto whatever mesh the restoring run has (the memory bank just re-shards), which is how a run
 saved on 8 devices resumes on 4.
+
+Faults, each named in one line:
+  * a checkpoint that is complete but does not read back (a data file truncated or corrupted after the
+    save: a disk that filled up, a broken copy) is moved aside to <workdir>/damaged_checkpoints/<step>
+    (never deleted) with one warning, and the next older one is restored;
+  * a checkpoint whose arrays have other shapes than this run's state (another model or dataset in the
+    same workdir) is not damage: that stops with a ConfigError before anything is moved;
+  * a save that fails (disk full, permission, quota) raises CheckpointSaveError, whose message names the
+    directory, the cause, the free space and the last complete checkpoint.
 """
 from __future__ import annotations
 
 import json
 import os
-import signal
-import threading
-from typing import Any
+import shutil
+import time
 
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+from dcv2_jax import config as config_lib
 
 CHECKPOINT_DIR = "checkpoints"
+DAMAGED_DIR = "damaged_checkpoints"
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint of a workdir can be read, or one cannot be written: the message says what to do."""
+
+
+class CheckpointSaveError(CheckpointError):
+  pass
+
+
+class IncompatibleCheckpoint(config_lib.ConfigError):
+  """The workdir holds a run of another model or dataset (not damage: nothing is moved)."""
+
+
+def _registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+  # Two items per step: "state" (the TrainState pytree, sharded arrays) and "meta" (JSON).
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
+    registry.add("state", args, ocp.StandardCheckpointHandler)
+  for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
+    registry.add("meta", args, ocp.JsonCheckpointHandler)
+  return registry
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+  text = " ".join(str(error).split())
+  return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def free_bytes(path: str) -> int | None:
+  """Free space on the filesystem holding `path` (or its nearest existing parent)."""
+  while path and not os.path.exists(path):
+    path = os.path.dirname(path)
+  try:
+    return shutil.disk_usage(path or ".").free
+  except OSError:
+    return None
+
+
+def format_bytes(n: float | None) -> str:
+  if n is None:
+    return "unknown"
+  for unit in ("B", "KB", "MB", "GB", "TB"):
+    if n < 1024 or unit == "TB":
+      return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+    n /= 1024
+
+
+def tree_bytes(tree) -> int:
+  """Bytes of every array in a pytree of arrays or ShapeDtypeStructs (a checkpoint's size, roughly)."""
+  return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def _shape_multiset(tree) -> list[tuple]:
+  return sorted((tuple(x.shape), str(np.dtype(x.dtype))) for x in jax.tree.leaves(tree))
 
 
 class Checkpoints:
+  """The checkpoints of one workdir: save every so often, restore the newest one that reads."""
+
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
     self.manager = ocp.CheckpointManager(
-        self.directory, item_names=("state", "meta"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             enable_async_checkpointing=async_save))
+        self.directory, handler_registry=_registry(),
+        options=ocp.CheckpointManagerOptions(preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+                                             create=True, enable_async_checkpointing=async_save))
+    self._saving: int | None = None          # the step of an async save not yet known to be complete
+    self._failed = False
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  # ----------------------------------------------------------------------------------------- save
+
   def save(self, step: int, state, meta: dict) -> None:
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(meta)), force=True)
+    """Starts saving `step` (asynchronously); an error of this or the previous save raises
+    CheckpointSaveError."""
+    try:
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      meta=ocp.args.JsonSave(meta)), force=True)
+    except Exception as e:  # pylint: disable=broad-except  (OSError, orbax's wrapped errors, XLA's status)
+      raise self._save_failed(self._saving if self._saving is not None else step, e) from e
+    self._saving = step
 
-  def restore(self, abstract_state, step: int | None = None):
-    """(state, meta) of `step` (default: the newest complete one), or None when there is none."""
-    step = self.manager.latest_step() if step is None else step
-    if step is None:
-      return None
-    out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                             meta=ocp.args.JsonRestore()))
-    return out["state"], out["meta"]
+  def wait(self) -> None:
+    """Blocks until the last save is complete on disk; its error raises CheckpointSaveError."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_failed(self._saving, e) from e
+    self._saving = None
 
-  def restore_meta(self, step: int | None = None) -> dict | None:
-    """The JSON record of `step` (default: the newest complete checkpoint) alone, or None."""
-    step = self.manager.latest_step() if step is None else step
+  def _save_failed(self, step, error) -> CheckpointSaveError:
+    self._failed = True
+    try:
+      last = max((s for s in self.manager.all_steps(read=True) if s != step), default=None)
+    except Exception:  # pylint: disable=broad-except  (the directory itself may be gone)
+      last = None
+    where = (f"the last complete checkpoint is step {last}: run the same command to resume from it once the "
+             "disk has space" if last is not None else "no checkpoint of this run is complete yet")
+    return CheckpointSaveError(
+        f"saving checkpoint {step} to {self.directory} failed ({_first_line(error, 200)}); "
+        f"{format_bytes(free_bytes(self.directory))} free there; {where}")
+
+  def warn_if_disk_too_small(self, abstract_state, keep: int) -> None:
+    """Before the first save: warn when keep + 1 checkpoints (one being written while the oldest is still
+    kept) would not fit in the free space."""
+    size, free = tree_bytes(abstract_state), free_bytes(self.directory)
+    if free is not None and free < size * (keep + 1):
+      logging.warning("checkpoints: each is about %s and %d are kept (+1 being written), but only %s is free "
+                      "in %s: saves will fail when the disk fills (lower keep_checkpoints or free space)",
+                      format_bytes(size), keep, format_bytes(free), self.directory)
+
+  # -------------------------------------------------------------------------------------- restore
+
+  def restore(self, abstract_state, check=None):
+    """(state, meta) of the newest checkpoint that reads back, or None when there is none.
+
+    A checkpoint that fails to read is moved aside (one warning) and the next older one is tried; when
+    none reads, CheckpointError lists them. A checkpoint of another state layout raises
+    IncompatibleCheckpoint, and so may `check(meta)`, called before any array is read.
+    """
+    damaged = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        if check is not None:
+          check(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+        saved = self.manager.item_metadata(step)["state"]
+        saved = getattr(saved, "tree", saved)
+        if saved is not None and _shape_multiset(saved) != _shape_multiset(abstract_state):
+          raise IncompatibleCheckpoint(
+              f"{self.directory}/{step} holds a state of other shapes than this run's (another model, number of "
+              "clusters, dataset or global batch in the same workdir): use a new --workdir, or the config "
+              "that wrote it (its config.json)")
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                                 meta=ocp.args.JsonRestore()))
+        if damaged:
+          logging.warning("resuming from checkpoint %d, the newest that reads back", step)
+        return out["state"], out["meta"]
+      except IncompatibleCheckpoint:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  (truncated files: OUT_OF_RANGE, ValueError, ...)
+        damaged.append((step, _first_line(e)))
+        moved = self._move_aside(step)
+        logging.warning("checkpoint %d cannot be read back (%s); moved it to %s and trying the next older one",
+                        step, damaged[-1][1], moved)
+    if damaged:
+      raise CheckpointError(
+          f"no checkpoint in {self.directory} reads back; each was moved to "
+          f"{os.path.join(self.workdir, DAMAGED_DIR)}: " + "; ".join(f"step {s}: {r}" for s, r in damaged)
+          + ". Start afresh with a new --workdir (or copy intact checkpoints back).")
+    return None
+
+  def _move_aside(self, step: int) -> str:
+    target = os.path.join(self.workdir, DAMAGED_DIR, f"{step}")
+    if os.path.exists(target):
+      target += f".{int(time.time())}"
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      os.replace(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"dcv2_checkpoint_moved_{step}")
+    self.manager.reload()
+    return target
+
+  def restore_meta(self) -> dict | None:
+    """The JSON record of the newest complete checkpoint alone, or None."""
+    step = self.manager.latest_step()
     if step is None:
       return None
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
-
-
-class PreemptionNotice:
-  """SIGTERM, the notice a scheduler (SLURM, Kubernetes) sends before it stops a job: the trainer saves a
-  checkpoint at a step every process agrees on, then stops, so a preempted run loses nothing.
-
-  Every process catches the signal itself and `tag`s each train-step batch with its flag; the step takes
-  the max over all rows, so every process reads the same `stop_requested` from the same step's metrics
-  and stops at the same step. Why not JAX's preemption service (orbax's reached_preemption): it fires only
-  at the exact step it derives from the steps processes last reported, which a resumed run (nothing
-  reported yet) never reaches, and then it ignores every later SIGTERM; distributed.py turns it off.
-  Use as a context manager: the previous handler is back on exit (a SIGTERM after training, during the
-  evaluation, ends the process as usual).
-  """
-
-  def __init__(self):
-    self.received = False
-    self._previous = None
-    self._tags = {}                    # (flag, shape, sharding) -> the device array: no upload per step
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
-      if self._previous is None:        # a handler installed from C: nothing to restore but the default
-        self._previous = signal.SIG_DFL
-    return self
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
-
-  def _on_signal(self, signum, frame):
-    del signum, frame
-    self.received = True               # only a flag: the train loop logs and acts at the next step
-
-  def tag(self, batch: dict) -> dict:
-    """batch (global arrays) plus `stop` [global batch] int32: this process's rows hold its flag."""
-    index = batch["index"]
-    key = (self.received, index.shape, index.sharding)
-    if key not in self._tags:
-      local = np.full((index.shape[0] // jax.process_count(),), int(self.received), np.int32)
-      self._tags[key] = jax.make_array_from_process_local_data(index.sharding, local)
-    return dict(batch, stop=self._tags[key])
+    """Waits for the last save (raising CheckpointSaveError if it failed), then releases orbax's threads.
+    After a failed save, only releases: the error was raised already."""
+    try:
+      if not self._failed:
+        self.wait()
+    finally:
+      try:
+        self.manager.close()
+      except Exception:  # pylint: disable=broad-except
+        if not self._failed:
+          raise
 
 
 def abstract_like(shape_tree, shardings):
@@ -128,21 +242,21 @@ def restore_model_variables(path: str):
   """
   directory, step = _manager_dir_and_step(path)
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                                  item_handlers={"state": ocp.StandardCheckpointHandler(),
-                                                 "meta": ocp.JsonCheckpointHandler()})
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"{directory}: no complete checkpoint found")
-  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  item_meta = manager.item_metadata(step)["state"]
-  device = jax.local_devices()[0]
-  single = jax.sharding.SingleDeviceSharding(device)
-  # Target = the saved shapes on one local device: restores whatever mesh (or process count) saved it.
-  tree = item_meta.tree if hasattr(item_meta, "tree") else item_meta
-  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=single), tree)
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-  manager.close()
+                                  handler_registry=_registry())
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"{directory}: no complete checkpoint found")
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    item_meta = manager.item_metadata(step)["state"]
+    single = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    # Target = the saved shapes on one local device: restores whatever mesh (or process count) saved it.
+    tree = getattr(item_meta, "tree", item_meta)
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=single), tree)
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+  finally:
+    manager.close()
   to_np = lambda t: jax.tree.map(np.asarray, t)
-  config = ml_collections.ConfigDict(json.loads(meta["config"]))
+  config = config_lib.from_saved(json.loads(meta["config"]))
   variables = {"params": to_np(state["params"]), "batch_stats": to_np(state["batch_stats"])}
   return config, variables, np.asarray(state["centroids"]), int(np.asarray(state["step"]))

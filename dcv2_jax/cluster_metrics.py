@@ -125,24 +125,27 @@ def cluster_sizes(assign, num_clusters: int) -> np.ndarray:
   return np.bincount(assign[assign >= 0], minlength=num_clusters)[:num_clusters]
 
 
-def cluster_size_entropy(assign, num_clusters: int, normalized: bool = True) -> float:
-  """Entropy of the cluster-size distribution; normalised by log K (1 = all clusters equal), else nats."""
-  h = _entropy_from_counts(cluster_sizes(assign, num_clusters))
+def cluster_size_entropy(sizes, normalized: bool = True) -> float:
+  """Entropy of the cluster-size distribution (sizes [K], e.g. `cluster_sizes`); normalised by log K
+  (1 = all clusters equal), else nats."""
+  sizes = np.asarray(sizes)
+  h = _entropy_from_counts(sizes)
   if not normalized:
     return h
-  return float(h / np.log(num_clusters)) if num_clusters > 1 else 1.0
+  return float(h / np.log(len(sizes))) if len(sizes) > 1 else 1.0
 
 
-def empty_clusters(assign, num_clusters: int) -> int:
-  """Clusters of 0..num_clusters-1 with no present member."""
-  return int((cluster_sizes(assign, num_clusters) == 0).sum())
+def empty_clusters(sizes) -> int:
+  """Clusters with no member (sizes [K], e.g. `cluster_sizes`)."""
+  return int((np.asarray(sizes) == 0).sum())
 
 
-def cluster_health(table, num_clusters, prev_table=None, labels=None) -> dict:
+def cluster_health(table, num_clusters, prev_table=None, labels=None, sizes=None) -> dict:
   """Per-head health of an assignment table [H, N] (entries < 0 = sample absent).
 
   num_clusters: an int or one per head. prev_table: last epoch's table, for the stability NMI over
-  samples present in both. labels: [N] class labels (< 0 = unknown) for NMI/ARI/purity.
+  samples present in both. labels: [N] class labels (< 0 = unknown) for NMI/ARI/purity. sizes: [H, K]
+  members per cluster if k-means counted them already (else counted from the table).
   Returns a dict of per-head lists of plain Python numbers (JSON-ready); absent keys mean "not given".
   """
   table = np.asarray(table)
@@ -169,13 +172,13 @@ def cluster_health(table, num_clusters, prev_table=None, labels=None) -> dict:
   for h in range(num_heads):
     a = table[h]
     present = a >= 0
-    sizes = cluster_sizes(a, ks[h])
-    n = int(sizes.sum())
+    head_sizes = cluster_sizes(a, ks[h]) if sizes is None else np.asarray(sizes[h])[:ks[h]]
+    n = int(head_sizes.sum())
     out["assigned"].append(n)
-    out["empty_clusters"].append(int((sizes == 0).sum()))
-    out["size_entropy_nats"].append(_entropy_from_counts(sizes))
-    out["size_entropy"].append(float(out["size_entropy_nats"][-1] / np.log(ks[h])) if ks[h] > 1 else 1.0)
-    out["largest_cluster_frac"].append(float(sizes.max() / n) if n else float("nan"))
+    out["empty_clusters"].append(empty_clusters(head_sizes))
+    out["size_entropy_nats"].append(cluster_size_entropy(head_sizes, normalized=False))
+    out["size_entropy"].append(cluster_size_entropy(head_sizes))
+    out["largest_cluster_frac"].append(float(head_sizes.max() / n) if n else float("nan"))
     if prev_table is not None:
       p = prev_table[h]
       both = present & (p >= 0)

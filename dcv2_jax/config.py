@@ -1,11 +1,21 @@
-"""Default configuration: every key the trainer reads, with the published DCv2 recipe as its values.
+"""Every setting of a run: the defaults (the published DCv2 recipe), the allowed choices, and the one check.
 
 Recipes in configs/ start from `base_config()` and change what differs. Any key can be overridden on the
-command line, e.g. `--config.loss.temperature=0.2`; `configs/` header comments give full commands.
+command line, e.g. `--config.loss.temperature=0.2`. Before anything is built the trainer calls
+`resolve` (derived values: the global batch, the LR note) and `validate` (every impossible setting, all in
+one message). Nothing downstream checks a setting again: each set of choices is defined once, by the
+module that implements it (CHOICES below points there), and checked here.
 """
 from __future__ import annotations
 
+import difflib
+import importlib.util
+import json
+
 import ml_collections
+
+from dcv2_jax import augment, kmeans, models, optim
+from dcv2_jax.data import sources
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -69,7 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
   l.kmeans_dtype = "float32"     # matmul inputs of k-means: float32 (TF32 on GPU) | bfloat16 (faster)
   l.kmeans_sums = "scatter"      # cluster sums: scatter (add rows) | onehot (one-hot matmul)
   l.kmeans_assign = "xla"        # nearest centroid: xla (matmul + argmax) | pallas (fused GPU kernel, no scores
-                                 # in memory; interpreted, slowly, on CPU)
+                                 # in memory; interpreted, slowly, on CPU; falls back to xla without Triton)
   l.empty_clusters = "keep"      # keep (reference) | reseed (from the rows farthest from their centroid)
 
   # --- optimizer (dcv2_jax/optim.py) ---
@@ -97,6 +107,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_at_end = False          # kNN + linear probe on data.eval_split after training
   c.eval_random_init = False     # also evaluate the network at initialisation, for comparison
   return c
+
+
+# Each set of choices, defined by the module that implements it.
+CHOICES = {
+    "data.source": sources.SOURCES,
+    "augment.where": augment.WHERE,
+    "augment.jitter_order": augment.JITTER_ORDERS,
+    "model.depth": tuple(sorted(models.STAGES)),
+    "model.dtype": tuple(models.DTYPES),
+    "loss.kmeans_dtype": kmeans.DTYPES,
+    "loss.kmeans_sums": kmeans.SUMS,
+    "loss.kmeans_assign": kmeans.ASSIGN,
+    "loss.empty_clusters": kmeans.EMPTY_CLUSTERS,
+    "optim.name": optim.OPTIMIZERS,
+}
 
 
 class ConfigError(ValueError):
@@ -128,62 +153,111 @@ def resolve(config, num_devices: int) -> tuple[ml_collections.ConfigDict, list[s
   return config, notes
 
 
+def _get(config, dotted: str):
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def crop_problems(crops) -> list[str]:
+  """What is wrong with `data.crops` (groups (size, count, min_scale, max_scale), large first), if anything."""
+  crops = tuple(tuple(c) for c in crops)
+  if not crops or any(len(c) != 4 or c[0] < 1 or c[1] < 1 or not 0 < c[2] <= c[3] <= 1 for c in crops):
+    return [f"data.crops={crops}: give groups (size, count, min_scale, max_scale) with size >= 1, count >= 1 and "
+            "0 < min_scale <= max_scale <= 1"]
+  if any(a[0] < b[0] for a, b in zip(crops, crops[1:])):
+    return [f"data.crops={crops}: list large crops first (sizes {[c[0] for c in crops]})"]
+  return []
+
+
 def validate(config, num_examples: int, steps_per_epoch: int, num_devices: int, num_processes: int) -> None:
-  """All impossible settings at once, in one message, before any compilation."""
-  from dcv2_jax.models import STAGES, feature_dim   # models imports jax/flax; keep this module light
-  problems = []
-  b, l, m = config.batch_size, config.loss, config.model
-  if b % num_devices:
+  """All impossible settings at once, in one message, before anything is built or compiled."""
+  problems = [f"{key}={_get(config, key)!r}: choose one of {', '.join(map(str, allowed))}"
+              for key, allowed in CHOICES.items() if _get(config, key) not in allowed]
+  b, loss_cfg, m = config.batch_size, config.loss, config.model
+  if b <= 0:
+    problems.append(f"batch_size={b} must be > 0 (or set per_device_batch_size)")
+  elif b % num_devices:
     problems.append(f"batch_size {b} is not divisible by the {num_devices} devices")
-  if b % num_processes:
+  elif b % num_processes:
     problems.append(f"batch_size {b} is not divisible by the {num_processes} processes")
-  crops = tuple(config.data.crops)
-  num_crops = sum(int(c[1]) for c in crops)
-  if not crops or any(len(c) != 4 or c[0] <= 0 or c[1] <= 0 or not 0 < c[2] <= c[3] <= 1 for c in crops):
-    problems.append(f"data.crops={crops}: give groups (size, count, min_scale, max_scale) with "
-                    "0 < min_scale <= max_scale <= 1")
-  if not l.crops_for_mb or any(not 0 <= c < num_crops for c in l.crops_for_mb):
-    problems.append(f"loss.crops_for_mb={tuple(l.crops_for_mb)}: crop numbers must lie in [0, {num_crops}) "
-                    f"for data.crops={crops}")
-  ks = tuple(l.num_clusters)
+  if 0 < num_examples < b:
+    problems.append(f"the dataset has {num_examples} samples, fewer than one global batch of {b}: lower "
+                    "batch_size (or per_device_batch_size)")
+  problems += crop_problems(config.data.crops)
+  num_crops = sum(int(c[1]) for c in config.data.crops if len(c) == 4)
+  if not loss_cfg.crops_for_mb or any(not 0 <= c < num_crops for c in loss_cfg.crops_for_mb):
+    problems.append(f"loss.crops_for_mb={tuple(loss_cfg.crops_for_mb)}: crop numbers must lie in [0, {num_crops}) "
+                    f"for data.crops={tuple(map(tuple, config.data.crops))}")
+  ks = tuple(loss_cfg.num_clusters)
   if not ks or len(set(ks)) != 1:
     problems.append(f"loss.num_clusters={ks}: give one or more heads with the same number of clusters")
   rows = steps_per_epoch * b
   if ks and max(ks) > rows:
     problems.append(f"loss.num_clusters={ks}: more clusters than memory-bank rows ({rows} = {steps_per_epoch} "
                     f"steps x batch {b} of the {num_examples} samples); lower num_clusters")
-  if m.depth in STAGES and m.head_input_dim not in (-1, feature_dim(m.depth, m.width, m.base_width)):
-    problems.append(f"model.head_input_dim={m.head_input_dim} does not match the trunk's feature dim "
-                    f"{feature_dim(m.depth, m.width, m.base_width)} (depth {m.depth}, width {m.width})")
-  if m.depth not in STAGES:
-    problems.append(f"model.depth={m.depth}: choose one of {sorted(STAGES)}")
-  if m.dtype not in ("float32", "bfloat16", "float16"):
-    problems.append(f"model.dtype={m.dtype!r}: choose float32, bfloat16 or float16")
+  if m.depth in models.STAGES:
+    trunk_dim = models.feature_dim(m.depth, m.width, m.base_width)
+    if m.head_input_dim not in (-1, trunk_dim):
+      problems.append(f"model.head_input_dim={m.head_input_dim} does not match the trunk's feature dim {trunk_dim} "
+                      f"(depth {m.depth}, width {m.width}); set it to -1 or {trunk_dim}")
   if not m.head_dims or any(d <= 0 for d in m.head_dims):
     problems.append(f"model.head_dims={tuple(m.head_dims)}: give positive layer widths, the last = embedding dim")
   gs = m.sync_bn.group_size
   if gs not in (0, -1) and (gs < 0 or num_devices % gs):
     problems.append(f"model.sync_bn.group_size={gs}: use 0 (global), -1 (per host) or a divisor of the "
                     f"{num_devices} devices")
-  if l.temperature <= 0:
-    problems.append(f"loss.temperature={l.temperature} must be > 0")
-  if config.optim.name not in ("larc", "lars", "sgd"):
-    problems.append(f"optim.name={config.optim.name!r}: choose larc, lars or sgd")
-  if l.kmeans_sums not in ("scatter", "onehot"):
-    problems.append(f"loss.kmeans_sums={l.kmeans_sums!r}: choose scatter or onehot")
-  if l.kmeans_assign not in ("xla", "pallas"):
-    problems.append(f"loss.kmeans_assign={l.kmeans_assign!r}: choose xla or pallas")
-  if l.kmeans_dtype not in ("float32", "bfloat16"):
-    problems.append(f"loss.kmeans_dtype={l.kmeans_dtype!r}: choose float32 or bfloat16")
-  if l.empty_clusters not in ("keep", "reseed"):
-    problems.append(f"loss.empty_clusters={l.empty_clusters!r}: choose keep or reseed")
-  for key in ("log_every_steps", "checkpoint_every_steps"):
+  if loss_cfg.temperature <= 0:
+    problems.append(f"loss.temperature={loss_cfg.temperature} must be > 0")
+  if loss_cfg.kmeans_iters < 0 or loss_cfg.kmeans_chunk <= 0:
+    problems.append(f"loss.kmeans_iters={loss_cfg.kmeans_iters} must be >= 0 and loss.kmeans_chunk="
+                    f"{loss_cfg.kmeans_chunk} > 0")
+  for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "num_epochs"):
     if config[key] <= 0:
       problems.append(f"{key}={config[key]} must be > 0")
-  if config.num_epochs <= 0:
-    problems.append(f"num_epochs={config.num_epochs} must be > 0")
   if problems:
     raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def normalization(config) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """(mean, std) the network was trained with: evaluation normalises with the same."""
+  return tuple(config.augment.mean), tuple(config.augment.std)
+
+
+# ---------------------------------------------------------------------------------------- config files
+
+def load_file(path: str) -> ml_collections.ConfigDict:
+  """A config file: configs/*.py with get_config() (optionally 'file.py:arg'), or a run's config.json.
+
+  A config.json is laid over base_config(), so a run written before a key existed reads with its default.
+  """
+  if path.endswith(".json"):
+    with open(path) as f:
+      return from_saved(json.load(f))
+  file, _, arg = path.partition(":")
+  spec = importlib.util.spec_from_file_location("_dcv2_config", file)
+  if spec is None or spec.loader is None:
+    raise FileNotFoundError(f"{file}: not a config file (configs/*.py or a run's config.json)")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def from_saved(saved: dict) -> ml_collections.ConfigDict:
+  """A config saved as JSON (config.json, a checkpoint's meta) laid over base_config(): keys the saving
+  version did not have take their defaults, keys this version does not know are dropped."""
+  def flat(tree, prefix=""):
+    for k, v in tree.items():
+      if isinstance(v, dict):
+        yield from flat(v, f"{prefix}{k}.")
+      else:   # JSON turned tuples into lists; the ConfigDict fields are tuples
+        yield prefix + k, tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+
+  config = base_config()
+  known = set(all_keys(config))
+  config.update_from_flattened_dict({k: v for k, v in flat(saved) if k in known})
+  return config
 
 
 def all_keys(config, prefix: str = "") -> list[str]:
@@ -202,7 +276,6 @@ def unknown_keys_message(config, overrides) -> str | None:
   bad = [k for k in overrides if k not in valid]
   if not bad:
     return None
-  import difflib
   lines = [f"unknown config key --config.{k}" + (f" (did you mean {', '.join(m)}?)" if (
       m := difflib.get_close_matches(k, valid, n=2)) else "") for k in bad]
   return "\n".join(lines) + "\nvalid keys:\n  " + "\n  ".join(valid)

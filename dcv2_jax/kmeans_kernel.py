@@ -14,6 +14,9 @@ cut that traffic; `python -m dcv2_jax.bench assign` compares block configuration
 lowest index (jnp.argmax's rule: the first maximum inside a block, a strictly better score to move to a
 later block). Unlike jnp.argmax, a NaN score never wins (callers mask non-finite rows anyway). On a
 backend other than GPU it runs in Pallas' interpreter (for tests; slow).
+
+The kernel is written for Pallas' Triton backend, which JAX 0.11 deprecated for removal. Where that backend
+is missing, `unavailable_reason()` says so and k-means falls back to the XLA assignment (kmeans.py).
 """
 from __future__ import annotations
 
@@ -22,6 +25,18 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+
+try:
+  from jax.experimental.pallas import triton as pl_triton
+except ImportError as e:   # a JAX whose Pallas no longer ships the Triton backend
+  pl_triton, _TRITON_MISSING = None, f"this JAX ({jax.__version__}) has no Pallas Triton backend: {e}"
+else:
+  _TRITON_MISSING = None
+
+
+def unavailable_reason() -> str | None:
+  """None if `nearest` can run on the default backend (compiled by Triton on GPU, interpreted elsewhere)."""
+  return _TRITON_MISSING if jax.default_backend() == "gpu" else None
 
 
 def _kernel(x_ref, c_ref, assign_ref, best_ref, *, num_clusters: int, block_k: int, precision):
@@ -70,10 +85,9 @@ def nearest(x, centroids, *, block_rows: int = 128, block_k: int = 128, precisio
   x = jnp.pad(x, ((0, n_pad - n), (0, d_pad - d)))
   centroids = jnp.pad(centroids, ((0, k_pad - k), (0, d_pad - d)))
   d = d_pad
-  params = None
-  if not interpret:
-    from jax.experimental.pallas import triton as pl_triton
-    params = pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+  if not interpret and pl_triton is None:
+    raise RuntimeError(_TRITON_MISSING)
+  params = None if interpret else pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
   assign, best = pl.pallas_call(
       functools.partial(_kernel, num_clusters=k, block_k=block_k, precision=precision),
       out_shape=(jax.ShapeDtypeStruct((n_pad,), jnp.int32), jax.ShapeDtypeStruct((n_pad,), jnp.float32)),

@@ -10,6 +10,7 @@ different network (only the bottleneck's inner width doubles).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -191,27 +192,18 @@ def _equal_size_runs(crops):
   return runs
 
 
-def bn_groups_for(group_size: int, num_devices: int, local_devices: int) -> int:
-  """SyncBN group size (VISSL's GROUP_SIZE: 0 global, -1 one host, k devices) -> number of groups."""
-  size = {0: num_devices, -1: local_devices}.get(group_size, group_size)
-  if size <= 0 or num_devices % size:
-    raise ValueError(f"model.sync_bn.group_size={group_size} gives groups of {size} devices, which do not "
-                     f"divide the {num_devices} devices; use 0 (global), -1 (per host) or a divisor")
-  return num_devices // size
-
-
-def model_from_config(config, num_devices: int | None = None, local_devices: int | None = None) -> DCv2Model:
+def dcv2_model(config, bn_groups: int) -> DCv2Model:
+  """The DCv2Model of a (validated) config, BatchNorm statistics in `bn_groups` groups."""
   m = config.model
-  num_devices = jax.device_count() if num_devices is None else num_devices
-  local_devices = jax.local_device_count() if local_devices is None else local_devices
-  if m.depth not in STAGES:
-    raise ValueError(f"model.depth={m.depth}: choose one of {sorted(STAGES)}")
-  if m.dtype not in DTYPES:
-    raise ValueError(f"model.dtype={m.dtype!r}: choose one of {sorted(DTYPES)}")
-  trunk_dim = feature_dim(m.depth, m.width, m.base_width)
-  if m.head_input_dim not in (-1, trunk_dim):
-    raise ValueError(f"model.head_input_dim={m.head_input_dim} does not match the trunk's feature dim "
-                     f"{trunk_dim} (depth {m.depth}, width {m.width}); set it to -1 or {trunk_dim}")
   return DCv2Model(m.depth, m.width, m.base_width, tuple(m.head_dims), m.head_bn, m.head_relu,
-                   DTYPES[m.dtype], bn_groups_for(m.sync_bn.group_size, num_devices, local_devices),
-                   m.bn_momentum, m.bn_eps)
+                   DTYPES[m.dtype], bn_groups, m.bn_momentum, m.bn_eps)
+
+
+@functools.lru_cache(maxsize=None)
+def trunk_apply_fn(depth: int, width: int, base_width: int, bn_eps: float = 1e-5):
+  """jit(apply) of the trunk in eval mode (running BN statistics), float32: the evaluation forward.
+
+  Cached, so every caller with the same architecture shares one jitted (and compiled) function.
+  """
+  trunk = ResNet(depth, width, base_width, jnp.float32, bn_eps=bn_eps)
+  return jax.jit(lambda variables, images: trunk.apply(variables, images, train=False))

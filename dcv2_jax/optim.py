@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+OPTIMIZERS = ("larc", "lars", "sgd")   # optim.name
+
 
 def scaled_lr(config, lr: float) -> float:
   """The linear scaling rule: an LR given for lr_reference_batch, used at config.batch_size."""

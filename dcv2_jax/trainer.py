@@ -1,29 +1,38 @@
-"""The DCv2 trainer: one function that reads top to bottom in named sections.
+"""The DCv2 trainer. `train_and_evaluate` reads as a run goes:
 
-  config + devices -> data -> model/optimizer/jitted steps -> state (resume by default) ->
-  memory-bank initial pass (fresh runs) -> epochs [k-means, cluster health, train steps, checkpoints] ->
-  final evaluation.
+    run = start_run(config, workdir)        # devices, data, model and jitted steps; everything checked first
+    state = resume(run)                     # the newest checkpoint that reads back, or
+          = fill_memory_bank(run, init)     #   a fresh state and the bank's initial pass
+    per epoch:
+      state = cluster(run, state, epoch)    # 1. k-means of every head, cluster health, assignments file
+      state = train_epoch(run, state, ...)  # 2-5. batches -> train step -> bank write -> checkpoints
+    final_evaluation(run, state)            # kNN + linear probe on the eval split (eval_at_end)
 
-Resume: the newest complete checkpoint in <workdir>/checkpoints is restored, and training continues
-from its step. Everything random derives from (seed, epoch, step or dataset index), so a resumed run
-computes what the uninterrupted run would have (bit-identical on CPU).
+Resume: the newest complete checkpoint in <workdir>/checkpoints is restored, and training continues from
+its step; the data position is the step itself (epoch = step // steps_per_epoch). Everything random derives
+from (seed, epoch, step or dataset index), so a resumed run computes what the uninterrupted run would have
+(bit-identical on CPU).
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
+from jax.sharding import Mesh
 
-from dcv2_jax import checkpoint, cluster_metrics, data
+from dcv2_jax import assignments, checkpoint, cluster_metrics, data, evaluation, models
 from dcv2_jax import config as config_lib
-from dcv2_jax import train_step as ts
-from dcv2_jax.logging_utils import MetricWriter, Progress, format_eta, to_python
+from dcv2_jax.epoch_steps import EpochSteps, jit_epoch_steps
+from dcv2_jax.metric_writer import MetricWriter, Progress, format_eta, to_python
+from dcv2_jax.preemption import PreemptionNotice
 from dcv2_jax.sharding import make_mesh
+from dcv2_jax.train_state import StepSpec, TrainState, make_spec, trunk_variables
 
 
 class NonFiniteLoss(RuntimeError):
@@ -42,6 +51,256 @@ class Preempted(Exception):
     self.step = step
 
 
+# ------------------------------------------------------------------------------------------ the run
+
+@dataclasses.dataclass
+class Run:
+  """What every part of a run needs, built once by `start_run`."""
+  config: ml_collections.ConfigDict      # resolved and validated
+  workdir: str
+  mesh: Mesh
+  spec: StepSpec
+  steps: EpochSteps                      # the jitted init / bank_init / kmeans / train
+  pipeline: data.Pipeline
+  checkpoints: checkpoint.Checkpoints
+  writer: MetricWriter
+  preemption: PreemptionNotice
+  root_key: jax.Array
+  labels: np.ndarray | None              # class labels by dataset index (cluster metrics), if the data has them
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return self.spec.steps_per_epoch
+
+  @property
+  def total_steps(self) -> int:
+    return self.config.num_epochs * self.spec.steps_per_epoch
+
+  def key(self, purpose: int, *data_) -> jax.Array:
+    """The key of one use (0: initial weights, 1: k-means of an epoch), the same on every process."""
+    key = jax.random.fold_in(self.root_key, purpose)
+    for x in data_:
+      key = jax.random.fold_in(key, x)
+    return key
+
+
+def start_run(config, workdir: str, devices=None) -> Run:
+  """Devices, data, model and jitted steps for `config` in `workdir`: every setting is checked (and the
+  run refused with one message) before anything is compiled."""
+  # -------------------------------------------------------------------------------------- devices
+  mesh = make_mesh(devices)
+  num_devices = mesh.devices.size
+  local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+  config, notes = config_lib.resolve(config, num_devices)
+  logging.info("dcv2-jax: %d process(es), %d device(s) (%s), workdir %s", jax.process_count(), num_devices,
+               jax.devices()[0].platform, workdir)
+  for note in notes:
+    logging.info("config: %s", note)
+
+  # ----------------------------------------------------------------------------------------- data
+  source = data.make_source(config.data)
+  num_examples = len(source)
+  steps_per_epoch = num_examples // config.batch_size if config.batch_size > 0 else 0
+  config_lib.validate(config, num_examples, steps_per_epoch, num_devices, jax.process_count())
+  pipeline = data.Pipeline(config, source=source)
+  logging.info("data: %d samples, global batch %d, %d steps/epoch, %d epochs (%d steps)", num_examples,
+               config.batch_size, steps_per_epoch, config.num_epochs, config.num_epochs * steps_per_epoch)
+  is_main = jax.process_index() == 0
+  if is_main:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  # --------------------------------------------------------------------- model and jitted steps
+  spec = make_spec(config, num_examples, steps_per_epoch, num_devices, local_devices)
+  return Run(config=config, workdir=workdir, mesh=mesh, spec=spec, steps=jit_epoch_steps(spec, mesh),
+             pipeline=pipeline, checkpoints=checkpoint.Checkpoints(workdir, config.keep_checkpoints),
+             writer=MetricWriter(workdir, enabled=is_main), preemption=PreemptionNotice(),
+             root_key=jax.random.key(config.seed), labels=source.labels())
+
+
+def train_and_evaluate(config, workdir: str, devices=None) -> dict:
+  """Trains (or resumes) a DCv2 run in `workdir` on `devices` (default: all); returns the last summary."""
+  run = start_run(config, workdir, devices)
+  try:
+    try:
+      # A SIGTERM from here until the last save is written saves the next step and stops (Preempted).
+      with run.preemption:
+        state = resume(run)
+        if state is None:
+          state = fill_memory_bank(run, run.steps.init(run.key(0)))
+        state = train_epochs(run, state)
+    finally:
+      # On a crash too: let an in-flight save complete, stop the data workers.
+      run.checkpoints.close()
+      run.pipeline.close()
+    summary = {"step": int(to_python(state.step))}
+    if run.config.eval_at_end and run.config.data.eval_split:
+      summary["eval"] = final_evaluation(run, state)
+    return summary
+  except Preempted as p:
+    logging.warning("preempted: the checkpoint of step %d is saved in %s; run the same command to resume",
+                    p.step, run.checkpoints.directory)
+    run.writer.write({"step": p.step, "preempted": True})
+    return {"step": p.step, "preempted": True}
+  except Exception as e:  # pylint: disable=broad-except
+    oom = explain_out_of_memory(e, run.config, run.mesh.devices.size)
+    if oom is None:
+      raise
+    raise oom from e
+  finally:
+    run.writer.close()
+
+
+# ------------------------------------------------------------------------------ state: resume or fill
+
+def resume(run: Run) -> TrainState | None:
+  """The state of the newest checkpoint that reads back (None for a fresh run)."""
+  shape = jax.eval_shape(run.steps.init, run.key(0))
+
+  def same_data(meta):
+    saved = (meta["num_examples"], meta["global_batch"])
+    if saved != (run.spec.num_examples, run.config.batch_size):
+      raise checkpoint.IncompatibleCheckpoint(
+          f"{run.workdir} holds a run with {saved[0]} samples and global batch {saved[1]}; this config has "
+          f"{run.spec.num_examples} and {run.config.batch_size}. Use a new workdir.")
+
+  restored = run.checkpoints.restore(checkpoint.abstract_like(shape, run.steps.state_sharding), check=same_data)
+  if restored is None:
+    run.checkpoints.warn_if_disk_too_small(shape, run.config.keep_checkpoints)
+    return None
+  state, meta = restored
+  logging.info("resumed from step %d (epoch %d)", int(meta["step"]), int(meta["step"]) // run.steps_per_epoch)
+  return state
+
+
+def fill_memory_bank(run: Run, state: TrainState) -> TrainState:
+  """The memory bank's initial pass, before epoch 0's k-means: an epoch of forward passes, no training
+  (minutes at ImageNet scale, so with progress and ETA)."""
+  spe, batch = run.steps_per_epoch, run.config.batch_size
+  t0 = time.time()
+  progress = Progress(spe, 0, batch, batch * len(run.spec.crops_for_mb))
+  # An epoch number past training: a sample order of its own.
+  with data.device_prefetch(run.pipeline.iterate(run.config.num_epochs), run.mesh) as batches:
+    for slot, b in enumerate(batches):
+      state = run.steps.bank_init(state, b, jnp.asarray(slot, jnp.int32))
+      if (slot + 1) % run.config.log_every_steps == 0 and slot + 1 < spe:
+        jax.block_until_ready(state.bank.index)
+        r = progress.report(slot + 1)
+        logging.info("memory bank: %d/%d steps, %.0f img/s, ETA %s", slot + 1, spe, r["img_per_s"],
+                     format_eta(r["eta_s"]))
+  jax.block_until_ready(state.bank.z)
+  logging.info("memory bank filled: %d rows in %.1fs", spe * batch, time.time() - t0)
+  return state
+
+
+# ------------------------------------------------------------------------------------------- epochs
+
+def train_epochs(run: Run, state: TrainState) -> TrainState:
+  step = int(to_python(state.step))
+  previous = np.asarray(state.table.addressable_data(0)) if step else None
+  while step < run.total_steps:
+    epoch, step_in_epoch = divmod(step, run.steps_per_epoch)
+    if step_in_epoch == 0:          # resumed mid-epoch: that epoch's centroids are in the state
+      state, previous = cluster(run, state, epoch, previous)
+    state, step = train_epoch(run, state, epoch, step_in_epoch)
+  return state
+
+
+def cluster(run: Run, state: TrainState, epoch: int, previous):
+  """Step 1: k-means of every head on last epoch's bank; cluster health to the log, the assignment table to
+  <workdir>/assignments. Returns (state, this epoch's table) (the table: for next epoch's stability NMI)."""
+  spec = run.spec
+  valid_rows = int(to_python(jnp.sum(state.bank.index >= 0)))
+  if valid_rows < max(spec.num_clusters):
+    raise config_lib.ConfigError(
+        f"epoch {epoch}: the memory bank holds only {valid_rows} readable samples, fewer than "
+        f"loss.num_clusters={spec.num_clusters} (unreadable files are skipped); lower num_clusters")
+  t0 = time.time()
+  state, sizes = run.steps.kmeans(state, run.key(1, epoch))
+  table = np.asarray(state.table.addressable_data(0))
+  kmeans_s = time.time() - t0       # includes the compilation in the first epoch of a process
+  health = cluster_metrics.cluster_health(table, spec.num_clusters, previous, run.labels,
+                                          sizes=np.asarray(sizes.addressable_data(0)))
+  if jax.process_index() == 0:
+    assignments.save(run.workdir, epoch, table, run.config.keep_assignments)
+  run.writer.write({"step": epoch * run.steps_per_epoch, "epoch": epoch, "kmeans_s": kmeans_s, "clusters": health})
+  logging.info("epoch %d k-means %.2fs: empty clusters %s, size entropy %s%s", epoch, kmeans_s,
+               health["empty_clusters"], [round(x, 3) for x in health["size_entropy"]],
+               f", NMI(labels) {[round(x, 3) for x in health['nmi_labels']]}" if "nmi_labels" in health else "")
+  return state, table
+
+
+def train_epoch(run: Run, state: TrainState, epoch: int, first_step: int):
+  """Steps 2-5 for one epoch from `first_step`: batches -> train step (which writes the bank) -> logs and
+  checkpoints. Returns (state, global step).
+
+  Each step's metrics and control flags are fetched one step late, so the host never stalls the device,
+  except before a checkpoint: only a state whose step was checked finite is saved. A preemption notice
+  (in a fetched step's control flags, so seen by every process at the same step) saves the current step
+  and raises Preempted.
+  """
+  config, spe = run.config, run.steps_per_epoch
+  step = epoch * spe + first_step
+  progress = Progress(run.total_steps, step, config.batch_size, config.batch_size * run.spec.num_crops)
+  losses, pending, stop = [], None, False
+
+  def settle():
+    """Fetches the pending step's outputs (one transfer) and acts on them; returns its metrics."""
+    nonlocal pending, stop
+    at, metrics, control = pending
+    metrics, control = to_python((metrics, control))
+    pending = None
+    stop_now = check_step(config, at, metrics["loss"], control)
+    if stop_now and not stop:
+      logging.warning("SIGTERM received (on at least one process): saving a checkpoint, then stopping")
+    stop = stop or stop_now
+    losses.append(metrics["loss"])
+    if config.model.dtype == "float16":
+      metrics["loss_scale"] = control.loss_scale
+    return metrics
+
+  with data.device_prefetch(run.pipeline.iterate(epoch, first_step), run.mesh) as batches:
+    for batch in batches:
+      state, metrics, control = run.steps.train(state, run.preemption.tag(batch))
+      if pending is not None:
+        settle()
+      pending = (step, metrics, control)
+      step += 1
+      if step % config.log_every_steps == 0 or step % spe == 0:
+        record = {"step": step, "epoch": epoch, **settle(), **progress.report(step)}
+        run.writer.write(record)
+        logging.info("step %d/%d epoch %d loss %.4f lr %.4g %.0f img/s ETA %s", step, run.total_steps, epoch,
+                     record["loss"], record["lr"], record["img_per_s"], format_eta(record["eta_s"]))
+      if stop or step % config.checkpoint_every_steps == 0 or step % spe == 0:
+        if pending is not None:
+          settle()
+        run.checkpoints.save(step, state, {"step": step, "num_examples": run.spec.num_examples,
+                                           "global_batch": config.batch_size, "config": config.to_json_best_effort()})
+      if stop:
+        raise Preempted(step)
+  if pending is not None:
+    settle()
+  run.writer.write({"step": step, "epoch": epoch, "epoch_loss": float(np.mean(losses)) if losses else None})
+  return state, step
+
+
+def check_step(config, step: int, loss: float, control) -> bool:
+  """Stops the run (NonFiniteLoss) on non-finite weights or loss; returns whether a SIGTERM asks to stop.
+  `step` is the global step before the checked update (so the message counts it as step + 1)."""
+  if not control.params_finite:
+    raise NonFiniteLoss(f"the weights became non-finite at step {step + 1} (loss {loss}); the run stops here "
+                        "and the last checkpoint (written before this step) is kept. Lower the LR.")
+  if not np.isfinite(loss) or not control.grads_finite:
+    # float16: an overflow skips the step and halves the loss scale; give up only once the scale this step
+    # used was already 1. Other dtypes: no second chance.
+    if config.model.dtype != "float16" or control.loss_scale <= 1.0:
+      raise NonFiniteLoss(f"loss {loss} (gradients {'finite' if control.grads_finite else 'non-finite'}) at step "
+                          f"{step + 1}; the run stops here and the last checkpoint (written before this step) "
+                          "is kept. Lower the LR or use float32/bfloat16.")
+  return bool(control.stop_requested)
+
+
 def explain_out_of_memory(error: Exception, config, num_devices: int) -> DeviceOutOfMemory | None:
   """A DeviceOutOfMemory that says which setting to lower, if `error` is XLA running out of device memory;
   None for any other error."""
@@ -58,236 +317,25 @@ def explain_out_of_memory(error: Exception, config, num_devices: int) -> DeviceO
       f"{str(error)[:500]}")
 
 
-def _labels_of(source):
-  labels = getattr(source, "labels", None)
-  labels = labels() if callable(labels) else labels
-  return None if labels is None else np.asarray(labels)
+# ------------------------------------------------------------------------------------ final evaluation
 
-
-def _trunk_apply(config):
-  from dcv2_jax.models import ResNet
-  trunk = ResNet(config.model.depth, config.model.width, config.model.base_width, jnp.float32,
-                 bn_eps=config.model.bn_eps)
-  return jax.jit(lambda v, x: trunk.apply(v, x, train=False))
-
-
-def _trunk_variables(state):
-  return {"params": state.params["trunk"], "batch_stats": state.batch_stats["trunk"]}
-
-
-def _save_assignments(workdir, epoch, table, keep):
-  folder = os.path.join(workdir, "assignments")
-  os.makedirs(folder, exist_ok=True)
-  path = os.path.join(folder, f"epoch_{epoch:04d}.npz")
-  np.savez_compressed(path + ".tmp.npz", assignments=table, index=np.arange(table.shape[1], dtype=np.int32))
-  os.replace(path + ".tmp.npz", path)
-  if keep > 0:
-    for old in sorted(f for f in os.listdir(folder) if f.startswith("epoch_"))[:-keep]:
-      os.remove(os.path.join(folder, old))
-
-
-def train_and_evaluate(config, workdir: str, devices=None) -> dict:
-  """Trains (or resumes) a DCv2 run in `workdir` on `devices` (default: all); returns the last summary."""
-  # ---------------------------------------------------------------------------------------- devices
-  is_main = jax.process_index() == 0
-  mesh = make_mesh(devices)
-  num_devices = mesh.devices.size
-  local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
-  config, notes = config_lib.resolve(config, num_devices)
-  writer = MetricWriter(workdir, enabled=is_main)
-  logging.info("dcv2-jax: %d process(es), %d device(s) (%s), workdir %s", jax.process_count(),
-               num_devices, jax.devices()[0].platform, workdir)
-  for note in notes:
-    logging.info("config: %s", note)
-
-  # ------------------------------------------------------------------------------------------- data
-  pipeline = data.Pipeline(config)
-  spe, n_examples = pipeline.steps_per_epoch, pipeline.num_examples
-  config_lib.validate(config, n_examples, spe, num_devices, jax.process_count())
-  labels = _labels_of(pipeline.source)
-  total_steps = config.num_epochs * spe
-  logging.info("data: %d samples, global batch %d, %d steps/epoch, %d epochs (%d steps)", n_examples,
-               config.batch_size, spe, config.num_epochs, total_steps)
-  if is_main:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-
-  # ------------------------------------------------------------------------- model and jitted steps
-  spec = ts.make_spec(config, n_examples, spe, num_devices, local_devices)
-  compiled = ts.compile_for_mesh(spec, mesh)
-  apply_trunk = _trunk_apply(config)
-
-  # ------------------------------------------------------------------- state: resume by default
-  ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints)
-  root = jax.random.key(config.seed)
-  shape = jax.eval_shape(lambda k: ts.init_state(spec, k), root)
-  restored = ckpts.restore(checkpoint.abstract_like(shape, compiled.state_sharding))
-  if restored is not None:
-    state, meta = restored
-    if (meta["num_examples"], meta["global_batch"]) != (n_examples, config.batch_size):
-      raise config_lib.ConfigError(
-          f"{workdir} holds a run with {meta['num_examples']} samples and global batch {meta['global_batch']}; "
-          f"this config has {n_examples} and {config.batch_size}. Use a new workdir.")
-    logging.info("resumed from step %d (epoch %d)", int(meta["step"]), int(meta["step"]) // spe)
-  else:
-    state = None
-
-  # finally: on a crash too, let an in-flight save complete and stop the workers. A SIGTERM from here until
-  # the last save is written (the scheduler's notice) saves the next step and stops: PreemptionNotice.
-  preempted_at = None
-  with checkpoint.PreemptionNotice() as notice:
-    try:
-      if state is None:
-        # ---------------------------------------------------------- memory-bank initial pass
-        state = compiled.init(jax.random.fold_in(root, 0))
-        t0 = time.time()
-        # An epoch of forward passes before the first step (minutes at ImageNet scale): progress and ETA.
-        progress = Progress(spe, 0, config.batch_size, config.batch_size * len(spec.crops_for_mb))
-        with data.device_prefetch(pipeline.iterate(config.num_epochs), mesh) as batches:  # never trained on
-          for slot, batch in enumerate(batches):
-            state = compiled.bank_init_step(state, batch, jnp.asarray(slot, jnp.int32))
-            if (slot + 1) % config.log_every_steps == 0 and slot + 1 < spe:
-              jax.block_until_ready(state.bank.index)
-              r = progress.report(slot + 1)
-              logging.info("memory bank: %d/%d steps, %.0f img/s, ETA %s", slot + 1, spe, r["img_per_s"],
-                           format_eta(r["eta_s"]))
-        jax.block_until_ready(state.bank.z)
-        logging.info("memory bank filled: %d rows in %.1fs", spe * config.batch_size, time.time() - t0)
-
-      # --------------------------------------------------------------------------------- epochs
-      state, step = _train_epochs(config, workdir, state, compiled, spec, pipeline, ckpts, writer, mesh, labels,
-                                  root, is_main, notice)
-    except Preempted as p:
-      preempted_at = p.step
-    except Exception as e:  # pylint: disable=broad-except
-      oom = explain_out_of_memory(e, config, num_devices)
-      if oom is None:
-        raise
-      raise oom from e
-    finally:
-      ckpts.close()
-      pipeline.close()
-  if preempted_at is not None:
-    logging.warning("preempted: the checkpoint of step %d is saved in %s; run the same command to resume",
-                    preempted_at, ckpts.directory)
-    writer.write({"step": preempted_at, "preempted": True})
-    writer.close()
-    return {"step": preempted_at, "preempted": True}
-  summary = {"step": step}
-
-  # ------------------------------------------------------------------------------ final evaluation
-  if config.eval_at_end and config.data.eval_split:
-    from dcv2_jax import evaluate
-    norm = dict(mean=tuple(config.augment.mean), std=tuple(config.augment.std), mesh=mesh)
-    results = {"learned": evaluate.evaluate_features(apply_trunk, _trunk_variables(state), config.data, **norm)}
-    if config.eval_random_init:     # the same network at initialisation (deterministic in the seed)
-      random_init = _trunk_variables(compiled.init(jax.random.fold_in(root, 0)))
-      results["random_init"] = evaluate.evaluate_features(apply_trunk, random_init, config.data, **norm)
-    for name, r in results.items():
-      logging.info("eval %s: kNN top-1 %.4f, linear top-1 %s", name, r.get("knn_top1", float("nan")),
-                   r.get("linear_top1"))
-    writer.write({"step": step, "eval": results})
-    summary["eval"] = results
-  writer.close()
-  return to_python(summary)
-
-
-def _train_epochs(config, workdir, state, compiled, spec, pipeline, ckpts, writer, mesh, labels, root, is_main,
-                  notice):
-  """k-means at each epoch start, then the epoch's train steps, logging and checkpoints."""
-  spe, n_examples = pipeline.steps_per_epoch, pipeline.num_examples
-  total_steps = config.num_epochs * spe
-  step = int(to_python(state.step))
-  prev_table = np.asarray(state.table.addressable_data(0)) if step else None
-  while step < total_steps:
-    epoch, first = divmod(step, spe)
-
-    # --- k-means on last epoch's bank (skipped when resuming mid-epoch: centroids are in the state)
-    if first == 0:
-      valid_rows = int(to_python(jnp.sum(state.bank.index >= 0)))
-      if valid_rows < max(spec.num_clusters):
-        raise config_lib.ConfigError(
-            f"epoch {epoch}: the memory bank holds only {valid_rows} readable samples, fewer than "
-            f"loss.num_clusters={spec.num_clusters} (unreadable files are skipped); lower num_clusters")
-      t0 = time.time()
-      state, sizes = compiled.kmeans_step(state, jax.random.fold_in(jax.random.fold_in(root, 1), epoch))
-      jax.block_until_ready(state.table)
-      kmeans_s = time.time() - t0       # includes the compilation in the first epoch of a process
-      table = np.asarray(state.table.addressable_data(0))
-      health = cluster_metrics.cluster_health(table, spec.num_clusters, prev_table, labels)
-      prev_table = table
-      if is_main:
-        _save_assignments(workdir, epoch, table, config.keep_assignments)
-      writer.write({"step": step, "epoch": epoch, "kmeans_s": kmeans_s, "clusters": health})
-      logging.info("epoch %d k-means %.2fs: empty clusters %s, size entropy %s%s", epoch, kmeans_s,
-                   health["empty_clusters"], [round(x, 3) for x in health["size_entropy"]],
-                   f", NMI(labels) {[round(x, 3) for x in health['nmi_labels']]}" if "nmi_labels" in health else "")
-
-    # --- train steps
-    progress = Progress(total_steps, step, config.batch_size, config.batch_size * spec.num_crops)
-    with data.device_prefetch(pipeline.iterate(epoch, first), mesh) as batches:
-      state, step, losses = _train_steps(config, state, compiled, batches, step, epoch, spe, n_examples,
-                                         progress, ckpts, writer, notice)
-    writer.write({"step": step, "epoch": epoch, "epoch_loss": float(np.mean(losses)) if losses else None})
-  return state, step
-
-
-def _train_steps(config, state, compiled, batches, step, epoch, spe, n_examples, progress, ckpts, writer, notice):
-  """One epoch's steps. Each step's metrics are checked one step late, so the host never stalls the device,
-  except before a checkpoint: only a state whose step was checked finite is saved. A preemption notice
-  (seen in a checked step's metrics, so by every process at the same step) saves the current step and
-  raises Preempted."""
-  total_steps = config.num_epochs * spe
-  losses, pending, stop = [], None, False
-
-  def check():
-    nonlocal pending, stop
-    loss, stop_requested = _check(pending, config)
-    losses.append(loss)
-    if stop_requested and not stop:
-      logging.warning("SIGTERM received (on at least one process): saving a checkpoint, then stopping")
-    stop, pending = stop or stop_requested, None
-
-  for batch in batches:
-    state, metrics = compiled.train_step(state, notice.tag(batch))
-    if pending is not None:
-      check()
-    pending = (step, metrics)
-    step += 1
-    if step % config.log_every_steps == 0 or step % spe == 0:
-      check()
-      record = {"step": step, "epoch": epoch, **to_python(metrics), **progress.report(step)}
-      record.pop("stop_requested")
-      writer.write(record)
-      logging.info("step %d/%d epoch %d loss %.4f lr %.4g %.0f img/s ETA %s", step, total_steps, epoch,
-                   record["loss"], record["lr"], record["img_per_s"], format_eta(record["eta_s"]))
-    if stop or step % config.checkpoint_every_steps == 0 or step % spe == 0:
-      if pending is not None:
-        check()
-      ckpts.save(step, state, {"step": step, "num_examples": n_examples, "global_batch": config.batch_size,
-                               "data": {"epoch": step // spe, "step": step % spe},
-                               "config": config.to_json_best_effort()})
-    if stop:
-      raise Preempted(step)
-  if pending is not None:
-    check()
-  return state, step, losses
-
-
-def _check(pending, config):
-  """(loss, stop requested) of a step; a non-finite loss stops the run (its checkpoint is never written)."""
-  step, metrics = pending
-  loss = float(to_python(metrics["loss"]))
-  if not bool(to_python(metrics["params_finite"])):
-    raise NonFiniteLoss(f"the weights became non-finite at step {step + 1} (loss {loss}); the run stops here "
-                        "and the last checkpoint (written before this step) is kept. Lower the LR.")
-  grads_finite = bool(to_python(metrics["grads_finite"]))
-  if not np.isfinite(loss) or not grads_finite:
-    # float16: an overflow skips the step and halves the loss scale; give up only once the scale this step
-    # used was already 1. Other dtypes: no second chance.
-    if config.model.dtype != "float16" or float(to_python(metrics["loss_scale"])) <= 1.0:
-      raise NonFiniteLoss(f"loss {loss} (gradients {'finite' if grads_finite else 'non-finite'}) at step "
-                          f"{step + 1}; the run stops here and the last checkpoint (written before this step) "
-                          "is kept. Lower the LR or use float32/bfloat16.")
-  return loss, bool(to_python(metrics["stop_requested"]))
+def final_evaluation(run: Run, state: TrainState) -> dict:
+  """kNN + linear probe of the trunk's features on data.split (train) / data.eval_split (test), with the
+  protocol the evaluate command picks for this data; also the network at initialisation when
+  eval_random_init (the baseline the learned features should beat)."""
+  config = run.config
+  m = config.model
+  apply_fn = models.trunk_apply_fn(m.depth, m.width, m.base_width, float(m.bn_eps))
+  mean, std = config_lib.normalization(config)
+  protocol = evaluation.protocol_for(config.data)
+  networks = {"learned": trunk_variables(state)}
+  if config.eval_random_init:     # the same network at initialisation (deterministic in the seed)
+    networks["random_init"] = trunk_variables(run.steps.init(run.key(0)))
+  results = {}
+  for name, variables in networks.items():
+    results[name] = evaluation.evaluate_trunk(apply_fn, variables, config.data, protocol=protocol, mesh=run.mesh,
+                                              mean=mean, std=std)
+    logging.info("eval %s: kNN top-1 %.4f, linear top-1 %s", name, results[name].get("knn_top1", float("nan")),
+                 results[name].get("linear_top1"))
+  run.writer.write({"step": int(to_python(state.step)), "eval": results})
+  return results

@@ -5,15 +5,15 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dcv2_jax.batchnorm import BatchNorm
-from dcv2_jax.models import bn_groups_for
+from dcv2_jax import config as config_lib
+from dcv2_jax.batchnorm import BatchNorm, num_groups
 from dcv2_jax.sharding import make_mesh
 
 
 @pytest.mark.parametrize("group_size", [0, 2, 4])
 def test_group_statistics_on_8_devices(group_size):
   mesh = make_mesh()
-  groups = bn_groups_for(group_size, 8, 8)
+  groups = num_groups(group_size, 8, 8)
   rng = np.random.default_rng(group_size)
   # Per-device offsets make the groups' statistics differ a lot.
   x = (rng.normal(size=(32, 3, 3, 5)) * 2 + np.repeat(np.arange(8), 4)[:, None, None, None]).astype(np.float32)
@@ -52,9 +52,11 @@ def test_eval_mode_uses_running_stats():
 
 
 def test_bad_group_size_message():
+  c = config_lib.base_config()
+  c.model.sync_bn.group_size = 3
   with pytest.raises(ValueError, match="group_size=3"):
-    bn_groups_for(3, 8, 8)
-  assert bn_groups_for(-1, 16, 8) == 2 and bn_groups_for(0, 16, 8) == 1 and bn_groups_for(4, 16, 8) == 4
+    config_lib.validate(c, 10000, 2, num_devices=8, num_processes=1)
+  assert num_groups(-1, 16, 8) == 2 and num_groups(0, 16, 8) == 1 and num_groups(4, 16, 8) == 4
 
 
 @pytest.mark.parametrize("std,running_mean,atol", [

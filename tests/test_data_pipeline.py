@@ -96,21 +96,17 @@ def test_two_processes_equal_one_and_slices_are_disjoint():
 
 
 def test_resume_mid_epoch_gives_the_same_next_batches():
+  """Where a run is, is its step alone: a new Pipeline started at (epoch, step) continues the stream."""
   cfg = make_config()
   p = Pipeline(cfg, 0, 1)
   it = p.iterate(1)
   first = [next(it) for _ in range(5)]
-  state = p.get_state()
-  assert state == it.get_state() == {"epoch": 1, "step": 5}
   expected = [next(it) for _ in range(2)]
-  restarted = Pipeline(cfg, 0, 1)
-  restarted.set_state(state)
-  it2 = restarted.iterate(1)
+  it2 = Pipeline(cfg, 0, 1).iterate(1, 5)
   assert_batches_equal([next(it2) for _ in range(2)], expected)
-  assert_batches_equal([next(Pipeline(cfg, 0, 1).iterate(1, 5))], expected[:1])
-  assert len(first) == 5
+  assert len(first) == 5 and len(it) == 14 - 7
   rest = list(it)
-  assert len(rest) == 14 - 7 and p.get_state() == {"epoch": 2, "step": 0}
+  assert len(rest) == 14 - 7
   # a second iterate() closes an unfinished first one: using it then is an error, not a silent short epoch
   old = p.iterate(2)
   next(old)
@@ -210,7 +206,6 @@ def test_device_prefetch_makes_global_arrays():
     assert got["crops"][1].shape == (16, 3, 12, 12, 3)
     np.testing.assert_array_equal(np.asarray(got["crops"][0]), want["crops"][0])
     np.testing.assert_array_equal(np.asarray(got["index"]), want["index"])
-  assert pre.get_state() == {"epoch": 0, "step": 3}  # what was consumed, not what was prefetched
   pre.close()
 
   def failing():
@@ -224,14 +219,17 @@ def test_device_prefetch_makes_global_arrays():
 
 
 def test_config_errors():
-  with pytest.raises(ValueError, match="fewer than one global batch"):
-    Pipeline(make_config(batch_size=4096), 0, 1)
-  with pytest.raises(ValueError, match="large crops first"):
-    Pipeline(make_config(crops=((12, 2, 0.1, 1.0), (24, 2, 0.1, 1.0))), 0, 1)
-  with pytest.raises(ValueError, match="divisible"):
-    Pipeline(make_config(batch_size=100), 0, 3)
-  with pytest.raises(ValueError, match="augment.where"):
-    Pipeline(make_config(where="gpu"), 0, 1)
+  """The data settings a pipeline cannot work with are refused by config.validate, before it is built."""
+  def problems(cfg, num_examples=1438, processes=1):
+    with pytest.raises(config_lib.ConfigError) as e:
+      config_lib.validate(cfg, num_examples, num_examples // cfg.batch_size, num_devices=4, num_processes=processes)
+    return str(e.value)
+
+  assert "fewer than one global batch" in problems(make_config(batch_size=4096))
+  assert "large crops first" in problems(make_config(crops=((12, 2, 0.1, 1.0), (24, 2, 0.1, 1.0))))
+  assert "divisible by the 3 processes" in problems(make_config(batch_size=100), processes=3)
+  assert "augment.where='gpu'" in problems(make_config(where="gpu"))
   c = make_config(batch_size=0)
   c.per_device_batch_size = 4
-  assert Pipeline(c, 0, 1).global_batch == 4 * jax.device_count()
+  resolved, _ = config_lib.resolve(c, jax.device_count())
+  assert Pipeline(resolved, 0, 1).global_batch == 4 * jax.device_count()

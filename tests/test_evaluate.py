@@ -1,4 +1,4 @@
-"""kNN, linear probe, feature extraction on the 8-device mesh, evaluate_features and the CLI.
+"""kNN, linear probe, feature extraction on the 8-device mesh, evaluate_trunk and the CLI.
 
 load_trunk and eval_batches belong to other modules: these tests use stand-ins (a tiny flax network,
 generators of dict batches); the digits end-to-end test at the bottom uses the real data pipeline when
@@ -13,9 +13,12 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from dcv2_jax import evaluate as ev
+from dcv2_jax import evaluate
+from dcv2_jax import evaluation as ev
 from dcv2_jax import sharding as shd
 from dcv2_jax.config import base_config
+
+NORM = dict(mean=(0.485, 0.456, 0.406), std=(0.228, 0.224, 0.225))
 
 
 def _knn_reference(train, train_labels, test, num_classes, k, temperature):
@@ -74,17 +77,16 @@ def test_linear_probe_separable_and_random_labels():
   rng = np.random.default_rng(2)
   x, y = _blobs(rng, 1200, 10, 32, 3.0)
   p = ev.fast_protocol()
-  kw = {k: p[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "standardize", "seed")}
-  res = ev.linear_probe(x[:1000], y[:1000], x[1000:], y[1000:], 10, **kw)
+  res = ev.linear_probe(x[:1000], y[:1000], x[1000:], y[1000:], 10, p)
   assert res["accuracy"] > 0.98 and res["top5"] == 1.0 and res["final_loss"] < 0.2
   r = rng.integers(0, 10, 1200)
-  res = ev.linear_probe(x[:1000], r[:1000], x[1000:], r[1000:], 10, **kw)
+  res = ev.linear_probe(x[:1000], r[:1000], x[1000:], r[1000:], 10, p)
   assert res["accuracy"] < 0.2
   # The ImageNet protocol runs as well (raw features, lr 0.3); few epochs to stay fast.
-  q = ev.imagenet_protocol()
+  q = ev.linear_protocol()
   assert (q.epochs, q.lr, q.weight_decay, q.batch_size, q.standardize) == (100, 0.3, 1e-6, 256, False)
-  res = ev.linear_probe(x[:1000] / 10, y[:1000], x[1000:] / 10, y[1000:], 10, epochs=5, lr=q.lr,
-                        batch_size=q.batch_size, weight_decay=q.weight_decay)
+  q.epochs = 5
+  res = ev.linear_probe(x[:1000] / 10, y[:1000], x[1000:] / 10, y[1000:], 10, q)
   assert res["accuracy"] > 0.95 and res["steps"] == 5 * 3
 
 
@@ -164,26 +166,26 @@ def _digits_cfg():
   return cfg
 
 
-def test_evaluate_features_with_stand_ins():
+def test_evaluate_trunk_with_stand_ins():
   apply_fn, variables = _tiny_trunk(16)
   cfg = _digits_cfg()
-  res, arrays = ev.evaluate_features(apply_fn, variables, cfg.data, protocol=ev.fast_protocol(),
-                                     batch_size=256, batches_fn=_fake_eval_batches, return_features=True,
-                                     progress=False)
+  res, arrays = ev.evaluate_trunk(apply_fn, variables, cfg.data, protocol=ev.fast_protocol(),
+                                  batch_size=256, batches_fn=_fake_eval_batches, return_features=True,
+                                  progress=False, **NORM)
   assert res["num_train"] == 1437 and res["num_test"] == 360 and res["feature_dim"] == 8
   assert res["knn_top1"] > 0.5 and res["linear_top1"] > 0.3   # random 8-d features; chance is 0.1
   assert arrays["train"][0].shape == (1437, 8)
   json.dumps(res)
   cfg.data.eval_split = ""
-  assert "skipped" in ev.evaluate_features(apply_fn, variables, cfg.data, batches_fn=_fake_eval_batches)
+  assert "skipped" in ev.evaluate_trunk(apply_fn, variables, cfg.data, batches_fn=_fake_eval_batches, **NORM)
 
 
 def test_cli_workdir(tmp_path, monkeypatch, capsys):
-  import dcv2_jax
   import dcv2_jax.data
+  import dcv2_jax.load
   apply_fn, variables = _tiny_trunk(16)
-  monkeypatch.setattr(dcv2_jax, "load_trunk", lambda path: (apply_fn, variables), raising=False)
-  monkeypatch.setattr(dcv2_jax.data, "eval_batches", _fake_eval_batches, raising=False)
+  monkeypatch.setattr(dcv2_jax.load, "load_trunk", lambda path: (apply_fn, variables))
+  monkeypatch.setattr(dcv2_jax.data, "eval_batches", _fake_eval_batches)
   wd = tmp_path / "wd"
   (wd / "assignments").mkdir(parents=True)
   (wd / "config.json").write_text(_digits_cfg().to_json())
@@ -194,7 +196,7 @@ def test_cli_workdir(tmp_path, monkeypatch, capsys):
   np.savez(wd / "assignments" / "epoch_0001.npz", assignments=np.zeros_like(table), index=np.arange(n))
   np.savez(wd / "assignments" / "epoch_0002.npz", assignments=table, index=np.arange(n))
 
-  res = ev.main(["--workdir", str(wd), "--no_linear", "--batch_size", "128"])
+  res = evaluate.main(["--workdir", str(wd), "--no_linear", "--batch_size", "128"])
   assert res["protocol"] == "fast" and "linear_top1" not in res and res["knn_top1"] > 0.5
   cl = res["clusters"]
   assert cl["file"] == "epoch_0002.npz" and cl["labelled"] == 1437
@@ -212,20 +214,11 @@ def test_cli_workdir(tmp_path, monkeypatch, capsys):
     np.testing.assert_array_equal(f["assignments"], table)
 
 
-def _real_digits_eval_batches():
-  try:
-    from dcv2_jax.data import eval_batches
-  except ImportError:
-    return None
-  return eval_batches
-
-
-@pytest.mark.skipif(_real_digits_eval_batches() is None, reason="dcv2_jax.data.eval_batches not written yet")
-def test_evaluate_features_digits_end_to_end():
+def test_evaluate_trunk_digits_end_to_end():
   """The real data pipeline's digits source + a random-init tiny network."""
   apply_fn, variables = _tiny_trunk(16)
   cfg = _digits_cfg()
-  res = ev.evaluate_features(apply_fn, variables, cfg.data, protocol=ev.fast_protocol(), batch_size=256,
-                             image_size=16, progress=False)
+  res = ev.evaluate_trunk(apply_fn, variables, cfg.data, protocol=ev.fast_protocol(), batch_size=256,
+                          image_size=16, progress=False, **NORM)
   assert res["num_train"] + res["num_test"] == 1797 and res["num_test"] > 0
   assert res["knn_top1"] > 0.3

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import types
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +17,7 @@ import torchvision
 from flax import traverse_util
 
 import dcv2_jax
+from dcv2_jax import checkpoint, load
 from dcv2_jax import export as E
 from dcv2_jax.config import base_config
 from dcv2_jax.models import DCv2Model, ProjectionHead, ResNet
@@ -257,37 +257,37 @@ def test_wide_resnet_needs_swav_format():
   with pytest.raises(ValueError, match="--format swav"):
     E.to_torchvision(small, config_for(18, base_width=16))
   for variables, width in ((v, 2), (small, 1)):
-    depth, w, loaded = E.from_torch_state_dict(E.to_swav(variables, None, config_for(18, width=width)))
+    depth, w, loaded = load.from_torch_state_dict(E.to_swav(variables, None, config_for(18, width=width)))
     assert (depth, w) == (18, width)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), jax.device_get(variables))
 
 
 def test_bad_state_dicts_raise_clear_errors(tmp_path):
   with pytest.raises(ValueError, match=r"Not a ResNet state dict.*foo\.weight"):
-    E.from_torch_state_dict({"foo.weight": np.zeros((3, 3))})
+    load.from_torch_state_dict({"foo.weight": np.zeros((3, 3))})
 
   rn50 = {k: v.numpy() for k, v in torchvision.models.resnet50().state_dict().items()}
-  depth, width, _ = E.from_torch_state_dict(rn50)
+  depth, width, _ = load.from_torch_state_dict(rn50)
   assert (depth, width) == (50, 1)
   with pytest.raises(ValueError, match="Depth mismatch: expected ResNet-101"):
-    E.from_torch_state_dict(rn50, depth=101)
+    load.from_torch_state_dict(rn50, depth=101)
 
   no_block = {k: v for k, v in rn50.items() if not k.startswith("layer3.5.")}
   with pytest.raises(ValueError, match=r"ResNet-50.*\(3, 4, 5, 3\).*Missing \(15\): layer3\.5\.bn1\.bias, "):
-    E.from_torch_state_dict(no_block)
+    load.from_torch_state_dict(no_block)
 
   missing = dict(rn50)
   del missing["layer2.1.bn2.running_var"]
   with pytest.raises(ValueError, match=r"Missing \(1\): layer2\.1\.bn2\.running_var"):
-    E.from_torch_state_dict(missing)
+    load.from_torch_state_dict(missing)
 
   extra = dict(rn50, **{f"adapter.{i}.weight": np.zeros(3) for i in range(12)})
   with pytest.raises(ValueError, match=r"Unexpected \(12\): adapter\.0\.weight.*\(2 more\)"):
-    E.from_torch_state_dict(extra)
+    load.from_torch_state_dict(extra)
 
   bad_shape = dict(rn50, **{"layer1.0.conv2.weight": np.zeros((64, 64, 1, 1), np.float32)})
   with pytest.raises(ValueError, match=r"layer1\.0\.conv2\.weight \(1, 1, 64, 64\) != \(3, 3, 64, 64\)"):
-    E.from_torch_state_dict(bad_shape)
+    load.from_torch_state_dict(bad_shape)
 
   path = str(tmp_path / "tensor.pth")
   torch.save(torch.zeros(3), path)
@@ -305,8 +305,7 @@ def test_cli_and_workdir_loading_with_a_checkpoint_stub(rn18, tmp_path, monkeypa
   def restore_model_variables(path):
     calls.append(path)
     return config, v, centroids, 123
-  monkeypatch.setitem(sys.modules, "dcv2_jax.checkpoint",
-                      types.SimpleNamespace(restore_model_variables=restore_model_variables))
+  monkeypatch.setattr(checkpoint, "restore_model_variables", restore_model_variables)
   workdir = str(tmp_path / "workdir")
   os.makedirs(workdir)
   for fmt in E.FORMATS:
@@ -324,18 +323,16 @@ def test_cli_and_workdir_loading_with_a_checkpoint_stub(rn18, tmp_path, monkeypa
   assert apply_fn(loaded, np.zeros((1, 32, 32, 3), np.float32)).shape == (1, 512)
 
   wide = config_for(18, width=2, head_dims=(64, 16))
-  monkeypatch.setattr(sys.modules["dcv2_jax.checkpoint"], "restore_model_variables",
-                      lambda path: (wide, v, centroids, 0))
+  monkeypatch.setattr(checkpoint, "restore_model_variables", lambda path: (wide, v, centroids, 0))
   with pytest.raises(SystemExit, match="--format swav"):
     E.main(["--workdir", workdir, "--format", "torchvision", "--out", str(tmp_path / "w2.pth")])
 
 
 def test_export_and_load_trunk_from_a_real_checkpoint(rn18, photos, tmp_path):
   """End to end through dcv2_jax.checkpoint: a saved workdir -> CLI export and load_trunk."""
-  from dcv2_jax.checkpoint import Checkpoints
   config, v, centroids = rn18
   workdir = str(tmp_path / "run")
-  ckpt = Checkpoints(workdir, async_save=False)
+  ckpt = checkpoint.Checkpoints(workdir, async_save=False)
   state = {"params": v["params"], "batch_stats": v["batch_stats"], "centroids": centroids,
            "step": np.asarray(42, np.int32)}
   ckpt.save(42, state, {"config": config.to_json()})

@@ -6,6 +6,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dcv2_jax import kmeans, kmeans_kernel, memory_bank
+from dcv2_jax.kmeans import KMeansSettings
 from dcv2_jax.sharding import make_mesh
 
 
@@ -42,8 +43,8 @@ def test_lloyd_matches_reference_with_padding(chunk, sums, assign):
   init = bank[np.flatnonzero(valid)[:10]]
   # Far-away initial centroid: nothing is assigned to it -> empty cluster must keep it.
   init[3] = -unit(np.ones(8))
-  got_c, got_a = kmeans.lloyd(jnp.asarray(bank), jnp.asarray(init), 5, jnp.asarray(valid), chunk_size=chunk,
-                              sums=sums, assign=assign)
+  got_c, got_a = kmeans.lloyd(jnp.asarray(bank), jnp.asarray(init), 5, jnp.asarray(valid),
+                              KMeansSettings(chunk_size=chunk, sums=sums, assign=assign))
   ref_c, ref_a = reference_lloyd(bank, init, 5, valid)
   np.testing.assert_array_equal(np.asarray(got_a), ref_a)
   np.testing.assert_allclose(np.asarray(got_c), ref_c, atol=1e-5)
@@ -66,7 +67,7 @@ def test_reseed_fills_empty_clusters():
   init = bank[:8].copy()
   init[5:] = -unit(np.ones(8))                                 # three identical far-away centroids
   _, a_keep = kmeans.lloyd(jnp.asarray(bank), jnp.asarray(init), 4)
-  c, a = kmeans.lloyd(jnp.asarray(bank), jnp.asarray(init), 4, empty_clusters="reseed")
+  c, a = kmeans.lloyd(jnp.asarray(bank), jnp.asarray(init), 4, settings=KMeansSettings(empty_clusters="reseed"))
   sizes_keep = np.bincount(np.asarray(a_keep), minlength=8)
   sizes = np.bincount(np.asarray(a), minlength=8)
   assert (sizes_keep == 0).sum() >= 2
@@ -83,18 +84,17 @@ def test_sharded_bank_equals_single_device(sums, assign):
   mesh = make_mesh()
   sharded = jax.device_put(bank, NamedSharding(mesh, P("data", None)))
   sv = jax.device_put(valid, NamedSharding(mesh, P("data")))
-  c8, a8 = kmeans.lloyd(sharded, jnp.asarray(init), 6, sv, chunk_size=16, shards=8, sums=sums, assign=assign,
-                        mesh=mesh)
+  settings = KMeansSettings(chunk_size=16, sums=sums, assign=assign)
+  c8, a8 = kmeans.lloyd(sharded, jnp.asarray(init), 6, sv, settings, mesh=mesh)
   one = jax.devices()[0]
   c1, a1 = kmeans.lloyd(jax.device_put(bank, one), jax.device_put(init, one), 6, jax.device_put(valid, one),
-                        chunk_size=16, shards=1, sums=sums)
+                        KMeansSettings(chunk_size=16, sums=sums))
   np.testing.assert_array_equal(np.asarray(a8), np.asarray(a1))
   np.testing.assert_allclose(np.asarray(c8), np.asarray(c1), atol=1e-5)
   assert len(c8.sharding.device_set) == 8
   # Rows never leave their device: no all-gather or all-to-all in the compiled program, only the
   # all-reduce of the [K, D] sums (and of the counts).
-  hlo = kmeans.lloyd.lower(sharded, jnp.asarray(init), 6, sv, chunk_size=16, shards=8, sums=sums, assign=assign,
-                           mesh=mesh).compile().as_text()
+  hlo = kmeans.lloyd.lower(sharded, jnp.asarray(init), 6, sv, settings, mesh=mesh).compile().as_text()
   assert "all-gather" not in hlo and "all-to-all" not in hlo and "all-reduce" in hlo
 
 
@@ -167,8 +167,7 @@ def test_cluster_all_heads():
   for s in range(steps):
     bank = memory_bank.write(bank, s, jnp.asarray(np.stack([blobs(rng, b, d, 3)] * 2)),
                              jnp.arange(s * b, (s + 1) * b))
-  cents, table, sizes = memory_bank.cluster(jax.random.key(0), bank, (5, 5, 5), 3, 70, crops_for_mb_count=2,
-                                            chunk_size=16)
+  cents, table, sizes = kmeans.cluster_heads(jax.random.key(0), bank, (5, 5, 5), 3, 70, KMeansSettings(chunk_size=16))
   assert cents.shape == (3, 5, d) and table.shape == (3, 70)
   t = np.asarray(table)
   assert np.all(t[:, 64:] == -100) and np.all((t[:, :64] >= 0) & (t[:, :64] < 5))
@@ -180,7 +179,7 @@ def test_bfloat16_kmeans_close_to_float32():
   bank = blobs(rng, 512, 16, 8)
   init = bank[:8]
   c32, a32 = kmeans.lloyd(jnp.asarray(bank), jnp.asarray(init), 5)
-  c16, a16 = kmeans.lloyd(jnp.asarray(bank), jnp.asarray(init), 5, compute_dtype="bfloat16")
+  c16, a16 = kmeans.lloyd(jnp.asarray(bank), jnp.asarray(init), 5, settings=KMeansSettings(dtype="bfloat16"))
   assert c16.dtype == jnp.float32
   assert (np.asarray(a32) == np.asarray(a16)).mean() > 0.97      # only near-ties may flip
   np.testing.assert_allclose(np.asarray(c16), np.asarray(c32), atol=0.05)
@@ -194,7 +193,7 @@ def test_cluster_ignores_non_finite_rows():
     if s == 1:
       z[3] = np.nan
     bank = memory_bank.write(bank, s, jnp.asarray(z[None]), jnp.arange(s * 16, (s + 1) * 16))
-  cents, table, _ = memory_bank.cluster(jax.random.key(0), bank, (4,), 3, 32, crops_for_mb_count=1)
+  cents, table, _ = kmeans.cluster_heads(jax.random.key(0), bank, (4,), 3, 32)
   assert np.all(np.isfinite(np.asarray(cents)))
   t = np.asarray(table)[0]
   assert t[19] == -100 and np.all(np.delete(t, 19) >= 0)

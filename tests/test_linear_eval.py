@@ -11,6 +11,7 @@ import pytest
 
 from configs import digits
 from dcv2_jax import augment, linear_eval
+from dcv2_jax.evaluation import linear_on_crops, protocol as protocols
 from dcv2_jax.models import ResNet
 
 
@@ -20,7 +21,7 @@ def small_setup(tmp_path):
   trunk = ResNet(18, 1, 16)
   variables = jax.jit(lambda k: trunk.init(k, jnp.zeros((1, 24, 24, 3)), train=False))(jax.random.key(0))
   apply_fn = jax.jit(lambda v, x: trunk.apply(v, x, train=False))
-  cfg = linear_eval.default_config()
+  cfg = protocols.linear_protocol()
   # A random-init trunk's raw features are badly scaled: a small LR, milder crops and 8 epochs.
   cfg.epochs, cfg.batch_size, cfg.crop_size, cfg.crop_scale, cfg.lr = 8, 128, 24, (0.3, 1.0), 0.1
   cfg.eval_every_epochs = 4
@@ -28,19 +29,19 @@ def small_setup(tmp_path):
 
 
 def test_schedule_is_cosine_per_epoch():
-  cfg = linear_eval.default_config()
+  cfg = protocols.linear_protocol()
   for epoch in (0, 1, 37, 99):
     want = 0.3 * 0.5 * (1 + math.cos(math.pi * epoch / 100))
-    assert abs(float(linear_eval.lr_at_epoch(cfg, epoch)) - want) < 1e-6
-  assert float(linear_eval.lr_at_epoch(cfg, 0)) == pytest.approx(0.3)
+    assert abs(float(protocols.lr_at_epoch(cfg, epoch)) - want) < 1e-6
+  assert float(protocols.lr_at_epoch(cfg, 0)) == pytest.approx(0.3)
 
 
 def test_optimizer_is_torch_sgd_with_the_epoch_lr():
-  """make_optimizer + the step's -lr(epoch) scaling against torch.optim.SGD's update, written out: coupled
+  """sgd_without_lr + the step's -lr(epoch) scaling against torch.optim.SGD's update, written out: coupled
   weight decay on every parameter, momentum buffer starting at the first gradient, LR of the epoch."""
-  cfg = linear_eval.default_config()
+  cfg = protocols.linear_protocol()
   cfg.epochs, cfg.weight_decay, cfg.momentum = 4, 1e-2, 0.9
-  tx = linear_eval.make_optimizer(cfg)
+  tx = protocols.sgd_without_lr(cfg)
   rng = np.random.default_rng(0)
   p = {"kernel": rng.normal(size=(3, 2)), "bias": rng.normal(size=(2,))}
   ref = {k: v.copy() for k, v in p.items()}
@@ -54,7 +55,7 @@ def test_optimizer_is_torch_sgd_with_the_epoch_lr():
     buf = d if buf is None else {k: 0.9 * buf[k] + d[k] for k in d}
     ref = {k: ref[k] - lr * buf[k] for k in ref}
     updates, state = tx.update(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), g), state, params)
-    params = jax.tree.map(lambda q, u: q - linear_eval.lr_at_epoch(cfg, epoch) * u, params, updates)
+    params = jax.tree.map(lambda q, u: q - protocols.lr_at_epoch(cfg, epoch) * u, params, updates)
   for k in ref:
     np.testing.assert_allclose(np.asarray(params[k]), ref[k], rtol=1e-5, atol=1e-6)
 
@@ -65,14 +66,14 @@ def test_masked_cross_entropy_ignores_undecodable_rows():
   ok = jnp.asarray([True, True, False, True])
   lse = np.log(np.exp(np.asarray(logits, np.float64)).sum(1))
   want = np.mean([lse[i] - float(logits[i, int(labels[i])]) for i in (0, 1, 3)])
-  assert float(linear_eval.masked_cross_entropy(logits, labels, ok)) == pytest.approx(want, rel=1e-5)
-  g = jax.grad(lambda l: linear_eval.masked_cross_entropy(l, labels, ok))(logits)
+  assert float(linear_on_crops.masked_cross_entropy(logits, labels, ok)) == pytest.approx(want, rel=1e-5)
+  g = jax.grad(lambda l: linear_on_crops.masked_cross_entropy(l, labels, ok))(logits)
   assert np.all(np.asarray(g)[2] == 0)
-  assert float(linear_eval.masked_cross_entropy(logits, labels, jnp.zeros(4, bool))) == 0.0
+  assert float(linear_on_crops.masked_cross_entropy(logits, labels, jnp.zeros(4, bool))) == 0.0
 
 
 def test_train_augmentation_is_flip_and_normalisation_only():
-  cfg = linear_eval._pipeline_config(digits.get_config().data, linear_eval.default_config(), (0.5, 0.4, 0.3),
+  cfg = linear_on_crops.pipeline_config(digits.get_config().data, protocols.linear_protocol(), (0.5, 0.4, 0.3),
                                      (0.2, 0.25, 0.3))
   assert cfg.data.crops == ((224, 1, 0.08, 1.0),)
   x = np.random.default_rng(0).integers(0, 256, (64, 8, 8, 3), dtype=np.uint8)
@@ -87,7 +88,7 @@ def test_train_augmentation_is_flip_and_normalisation_only():
 
 def test_learns_digits_and_resume_equals_uninterrupted(tmp_path):
   apply_fn, variables, data_cfg, cfg = small_setup(tmp_path)
-  full = linear_eval.train_linear(apply_fn, variables, data_cfg, str(tmp_path / "full"), cfg, mean=(0.5,) * 3,
+  full = linear_on_crops.train_linear(apply_fn, variables, data_cfg, str(tmp_path / "full"), cfg, mean=(0.5,) * 3,
                                   std=(0.25,) * 3)
   assert full["epoch"] == 8 and full["val_top1"] > 0.4       # chance is 0.1 (0.53 when written)
   assert full["val_rows"] == 359                              # digits' held-out split, not the train split
@@ -97,21 +98,21 @@ def test_learns_digits_and_resume_equals_uninterrupted(tmp_path):
   assert "val_top1" in lines[3] and "val_top1" not in lines[4]     # every 4 epochs and at the end
 
   part = str(tmp_path / "part")
-  first = linear_eval.train_linear(apply_fn, variables, data_cfg, part, cfg, mean=(0.5,) * 3, std=(0.25,) * 3,
+  first = linear_on_crops.train_linear(apply_fn, variables, data_cfg, part, cfg, mean=(0.5,) * 3, std=(0.25,) * 3,
                                    stop_after_epoch=5)
   assert first["epoch"] == 5
-  resumed = linear_eval.train_linear(apply_fn, variables, data_cfg, part, cfg, mean=(0.5,) * 3, std=(0.25,) * 3)
+  resumed = linear_on_crops.train_linear(apply_fn, variables, data_cfg, part, cfg, mean=(0.5,) * 3, std=(0.25,) * 3)
   assert resumed["epoch"] == 8
   assert resumed["val_top1"] == pytest.approx(full["val_top1"], abs=1e-9)
   assert resumed["loss"] == pytest.approx(full["loss"], rel=1e-6)
 
   # Asked again once complete: nothing is trained, the last record comes back.
-  again = linear_eval.train_linear(apply_fn, variables, data_cfg, part, cfg, mean=(0.5,) * 3, std=(0.25,) * 3)
+  again = linear_on_crops.train_linear(apply_fn, variables, data_cfg, part, cfg, mean=(0.5,) * 3, std=(0.25,) * 3)
   assert again["epoch"] == 8 and again["val_top1"] == resumed["val_top1"]
   # Another protocol in the same directory is refused (the LR schedule would no longer fit the state).
   cfg.batch_size = 64
   with pytest.raises(ValueError, match="holds a linear eval"):
-    linear_eval.train_linear(apply_fn, variables, data_cfg, part, cfg, mean=(0.5,) * 3, std=(0.25,) * 3)
+    linear_on_crops.train_linear(apply_fn, variables, data_cfg, part, cfg, mean=(0.5,) * 3, std=(0.25,) * 3)
 
 
 def test_cli_on_a_training_workdir(tmp_path, capsys):

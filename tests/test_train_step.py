@@ -6,9 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dcv2_jax import train_step as ts
+from dcv2_jax import augment
 from dcv2_jax.config import base_config
+from dcv2_jax.epoch_steps import jit_epoch_steps
 from dcv2_jax.sharding import local_batch_to_global, make_mesh
+from dcv2_jax.train_state import make_spec
 
 B, STEPS, N = 16, 3, 64
 
@@ -31,8 +33,8 @@ def compiled(num_devices: int, dtype: str = "float32", loss_scale: float = 2.0 *
   c.optim.loss_scale = loss_scale
   devices = jax.devices()[:num_devices]
   mesh = make_mesh(devices)
-  spec = ts.make_spec(c, N, STEPS, num_devices=num_devices, local_devices=num_devices)
-  return mesh, spec, ts.compile_for_mesh(spec, mesh)
+  spec = make_spec(c, N, STEPS, num_devices=num_devices, local_devices=num_devices)
+  return mesh, spec, jit_epoch_steps(spec, mesh)
 
 
 def random_batch(rng, step=0, num_groups=2):
@@ -58,8 +60,8 @@ def run_steps(num_devices, batches, state=None):
   state = fresh_state(comp) if state is None else state
   metrics = []
   for b in batches:
-    state, m = comp.train_step(state, local_batch_to_global(b, mesh))
-    metrics.append(jax.device_get(m))
+    state, m, control = comp.train(state, local_batch_to_global(b, mesh))
+    metrics.append({**jax.device_get(m), "grads_finite": bool(control.grads_finite)})
   return state, metrics
 
 
@@ -94,8 +96,8 @@ def test_bank_holds_pre_update_z_of_crops_for_mb():
   assert np.all(idx[2] == -1)                                  # slot row 2 not written yet
   # Slot row 1 = forward of batch 1 with the weights after step 0 (pre-update for step 1).
   spec = compiled(8)[1]
-  crops = ts.prepare_crops(spec, [jnp.asarray(x) for x in batches[1]["crops"]],
-                           jnp.asarray(batches[1]["index"]), jnp.asarray(0))
+  crops = augment.augment_crops([jnp.asarray(x) for x in batches[1]["crops"]], jnp.asarray(batches[1]["index"]),
+                                jnp.asarray(0), spec.augment_cfg, seed=spec.seed, out_dtype=spec.compute_dtype)
   z, _ = spec.model.apply({"params": before[0], "batch_stats": before[1]}, crops, train=True,
                           mutable=["batch_stats"])
   bank = np.asarray(state.bank.z)
@@ -115,23 +117,23 @@ def test_bank_init_pass_then_kmeans_then_step():
   mesh, spec, comp = compiled(8)
   state = comp.init(jax.random.key(0))
   for s in range(STEPS):
-    state = comp.bank_init_step(state, local_batch_to_global(random_batch(rng, s), mesh), jnp.asarray(s))
+    state = comp.bank_init(state, local_batch_to_global(random_batch(rng, s), mesh), jnp.asarray(s))
   idx = np.asarray(state.bank.index)
   np.testing.assert_array_equal(np.sort(idx.ravel()), np.arange(STEPS * B))
   np.testing.assert_allclose(np.linalg.norm(np.asarray(state.bank.z), axis=-1), 1.0, atol=1e-5)
   # The fused assignment kernel (loss.kmeans_assign=pallas, run per device) gives the same clustering.
   c = tiny_config()
   c.loss.kmeans_assign = "pallas"
-  fused = ts.compile_for_mesh(ts.make_spec(c, N, STEPS, num_devices=8, local_devices=8), mesh)
-  fused_state, fused_sizes = fused.kmeans_step(jax.tree.map(jnp.copy, state), jax.random.key(1))
-  state, sizes = comp.kmeans_step(state, jax.random.key(1))
+  fused = jit_epoch_steps(make_spec(c, N, STEPS, num_devices=8, local_devices=8), mesh)
+  fused_state, fused_sizes = fused.kmeans(jax.tree.map(jnp.copy, state), jax.random.key(1))
+  state, sizes = comp.kmeans(state, jax.random.key(1))
   table = np.asarray(state.table)
   assert np.all(table[:, :STEPS * B] >= 0) and np.all(table[:, STEPS * B:] == -100)
   assert np.asarray(sizes).sum(axis=1).tolist() == [STEPS * B] * 3
   np.testing.assert_array_equal(np.asarray(fused_state.table), table)
   np.testing.assert_array_equal(np.asarray(fused_sizes), np.asarray(sizes))
   np.testing.assert_allclose(np.asarray(fused_state.centroids), np.asarray(state.centroids), atol=1e-5)
-  state, m = comp.train_step(state, local_batch_to_global(random_batch(rng, 0), mesh))
+  state, m, _ = comp.train(state, local_batch_to_global(random_batch(rng, 0), mesh))
   assert np.isfinite(float(m["loss"])) and float(m["loss"]) > 0
 
 
@@ -140,8 +142,8 @@ def test_fp16_overflow_skips_update_and_halves_scale():
   mesh, spec, comp = compiled(8, "float16", 3e38)      # the scaled loss overflows -> inf gradients
   state = fresh_state(comp)
   before = jax.device_get(state.params)
-  state, m = comp.train_step(state, local_batch_to_global(random_batch(rng), mesh))
-  assert not bool(m["grads_finite"])
+  state, m, control = comp.train(state, local_batch_to_global(random_batch(rng), mesh))
+  assert not bool(control.grads_finite)
   assert float(state.loss_scale.scale) == pytest.approx(1.5e38, rel=1e-3)
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(state.params))):
     np.testing.assert_array_equal(a, b)
@@ -149,7 +151,7 @@ def test_fp16_overflow_skips_update_and_halves_scale():
   counts = [int(x) for x in jax.tree.leaves(jax.device_get(state.opt_state)) if np.asarray(x).dtype.kind == "i"]
   assert counts and all(c == 1 for c in counts)
   for s in (1, 2):
-    state, m = comp.train_step(state, local_batch_to_global(random_batch(rng, s), mesh))
+    state, m, _ = comp.train(state, local_batch_to_global(random_batch(rng, s), mesh))
   assert np.isfinite(m["loss"]) and float(state.loss_scale.scale) < 1e38
 
 
@@ -159,6 +161,6 @@ def test_non_finite_embeddings_are_not_stored_in_the_bank():
   head = jax.device_get(state.params)
   head["head"]["linear1"]["bias"] = np.full_like(head["head"]["linear1"]["bias"], np.nan)
   state = state.replace(params=jax.device_put(head, state.centroids.sharding))
-  state, m = comp.train_step(state, local_batch_to_global(random_batch(np.random.default_rng(5)), mesh))
+  state, m, _ = comp.train(state, local_batch_to_global(random_batch(np.random.default_rng(5)), mesh))
   assert not np.isfinite(m["loss"])
   assert np.all(np.asarray(state.bank.index)[0] == -1)      # rows with NaN z are stored as empty

@@ -233,8 +233,8 @@ def test_impossible_settings_fail_before_compiling():
 
 
 def test_trainer_rejects_bad_config_before_compiling(tmp_path, monkeypatch):
-  from dcv2_jax import train_step
-  monkeypatch.setattr(train_step, "compile_for_mesh", lambda *a: pytest.fail("compiled a bad config"))
+  from dcv2_jax import trainer
+  monkeypatch.setattr(trainer, "jit_epoch_steps", lambda *a: pytest.fail("compiled a bad config"))
   with pytest.raises(config_lib.ConfigError, match="more clusters"):
     train_and_evaluate(small_config(**{"loss.num_clusters": (2000, 2000, 2000)}), str(tmp_path))
 
@@ -242,18 +242,18 @@ def test_trainer_rejects_bad_config_before_compiling(tmp_path, monkeypatch):
 def test_out_of_device_memory_says_what_to_lower(tmp_path, monkeypatch):
   """XLA's RESOURCE_EXHAUSTED (here raised by a stand-in for the first step) becomes an error that names
   the batch per device and the setting to change; other errors pass through unchanged."""
-  from dcv2_jax import train_step
+  from dcv2_jax import epoch_steps
 
   def out_of_memory(*args):
     raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 68719476736 "
                                      "bytes.")
 
-  monkeypatch.setattr(train_step, "bank_init_step", out_of_memory)
+  monkeypatch.setattr(epoch_steps, "bank_init_step", out_of_memory)
   with pytest.raises(DeviceOutOfMemory, match=r"8 samples \(2x16 crops each\) per device: global batch 64 on 8") as e:
     train_and_evaluate(small_config(), str(tmp_path / "oom"))
   assert "--config.per_device_batch_size=4" in str(e.value) and "68719476736 bytes" in str(e.value)
 
-  monkeypatch.setattr(train_step, "bank_init_step", lambda *a: (_ for _ in ()).throw(KeyError("other")))
+  monkeypatch.setattr(epoch_steps, "bank_init_step", lambda *a: (_ for _ in ()).throw(KeyError("other")))
   with pytest.raises(KeyError, match="other"):
     train_and_evaluate(small_config(), str(tmp_path / "other"))
 

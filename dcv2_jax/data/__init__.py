@@ -7,9 +7,9 @@ training pipeline, evaluation batches and device prefetch. See docs/data.md.
 
 jax is imported lazily here: the grain worker processes unpickle these modules and need only numpy/PIL.
 """
-from dcv2_jax.data.pipeline import EpochIterator, Pipeline, eval_batches, parse_crops
+from dcv2_jax.data.pipeline import EpochIterator, Pipeline, crop_groups, eval_batches
 from dcv2_jax.data.prefetch import DevicePrefetcher, device_prefetch
 from dcv2_jax.data.sources import SOURCES, decode_image, make_source
 
-__all__ = ["Pipeline", "EpochIterator", "eval_batches", "parse_crops", "device_prefetch", "DevicePrefetcher",
+__all__ = ["Pipeline", "EpochIterator", "eval_batches", "crop_groups", "device_prefetch", "DevicePrefetcher",
            "make_source", "decode_image", "SOURCES"]

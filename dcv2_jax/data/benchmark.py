@@ -25,6 +25,9 @@ import time
 import numpy as np
 from PIL import Image
 
+from dcv2_jax import config as config_lib
+from dcv2_jax.data import pipeline as pipeline_lib, sources
+
 CROPS = {"2x224": ((224, 2, 0.14, 1.0),), "2x224+6x96": ((224, 2, 0.14, 1.0), (96, 6, 0.05, 0.14)),
          "2x160+4x96": ((160, 2, 0.08, 1.0), (96, 4, 0.05, 0.14))}
 
@@ -70,8 +73,6 @@ def _cpu_name() -> str:
 
 
 def _config(root: str, crops, where: str, batch: int):
-  from dcv2_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-
   c = config_lib.base_config()
   c.data.source, c.data.path, c.data.crops = "image_folder", root, crops
   c.data.num_workers, c.data.threads_per_worker = 0, 0  # synchronous: all work on this thread
@@ -89,8 +90,6 @@ def _measure(next_batch, samples: int, batch: int) -> tuple[float, float]:
 
 
 def run_case(root: str, case: str, mode: str, samples: int, batch: int) -> dict:
-  from dcv2_jax.data import pipeline as pipeline_lib, sources  # pylint: disable=g-import-not-at-top
-
   if case == "decode":
     src = sources.ImageFolderSource(root)
     pos = iter(range(10**12))

@@ -22,27 +22,16 @@ from typing import Iterator
 
 import grain
 import numpy as np
+from absl import flags
 
 from dcv2_jax.data import sources, transforms
 
 log = logging.getLogger(__name__)
 
 
-def parse_crops(crops) -> tuple[tuple[int, int, float, float], ...]:
-  """Validates `data.crops`: groups (size, count, min_scale, max_scale), large first."""
-  out = []
-  for group in crops:
-    if len(group) != 4:
-      raise ValueError(f"data.crops groups are (size, count, min_scale, max_scale), got {tuple(group)}")
-    size, count, lo, hi = int(group[0]), int(group[1]), float(group[2]), float(group[3])
-    if size < 1 or count < 1 or not 0.0 < lo <= hi <= 1.0:
-      raise ValueError(f"bad crop group {tuple(group)}: need size >= 1, count >= 1, 0 < min_scale <= max_scale <= 1")
-    out.append((size, count, lo, hi))
-  if not out:
-    raise ValueError("data.crops is empty")
-  if any(a[0] < b[0] for a, b in zip(out, out[1:])):
-    raise ValueError(f"data.crops must list large crops first, got sizes {[g[0] for g in out]}")
-  return tuple(out)
+def crop_groups(crops) -> tuple[tuple[int, int, float, float], ...]:
+  """`data.crops` (checked by config.validate) as plain Python tuples (size, count, min_scale, max_scale)."""
+  return tuple((int(c[0]), int(c[1]), float(c[2]), float(c[3])) for c in crops)
 
 
 def _plain_augment_cfg(cfg) -> dict:
@@ -122,7 +111,8 @@ class TrainBatchLoader:
     rng = transforms.sample_rng(self.seed, epoch, index)
     groups = transforms.multi_crop(image, rng, self.crops)
     if self.host_augment_cfg is not None:
-      from dcv2_jax import augment  # pylint: disable=g-import-not-at-top  (jax only in host mode)
+      # Late: this runs in the grain workers, which import jax (through augment) in host mode only.
+      from dcv2_jax import augment  # pylint: disable=g-import-not-at-top
 
       u = rng.random((sum(g[1] for g in self.crops), augment.NUM_UNIFORMS))
       groups = [augment.host_augment(x, u[sl], self.host_augment_cfg)
@@ -134,8 +124,6 @@ def _grain_iterator(loader, first: int, stop: int, num_workers: int, threads: in
   """A grain iterator over loader(first), ..., loader(stop - 1), in order, prefetched."""
   ds = grain.MapDataset.range(first, stop).map(loader)
   if num_workers > 0:
-    from absl import flags  # pylint: disable=g-import-not-at-top
-
     # grain's worker start-up reads its absl flags; outside an absl app (notebooks, pytest, scripts) they
     # were never parsed, so take their defaults. An absl app (train.py) has parsed them already.
     if not flags.FLAGS.is_parsed():
@@ -151,7 +139,7 @@ def _grain_iterator(loader, first: int, stop: int, num_workers: int, threads: in
 
 
 class EpochIterator:
-  """Batches of one epoch from a step on. `get_state()` = {'epoch', 'step'} of the next batch."""
+  """Batches of one epoch from a step on."""
 
   def __init__(self, pipeline: "Pipeline", epoch: int, start_step: int, grain_it, stop: int):
     self._pipeline = pipeline
@@ -181,11 +169,6 @@ class EpochIterator:
       self._release()  # the workers are already busy with the next epoch: keep them for it
     return dict(crops=list(batch["crops"]), index=batch["index"], label=batch["label"])
 
-  def get_state(self) -> dict:
-    if self._step >= self._pipeline.steps_per_epoch:
-      return dict(epoch=self.epoch + 1, step=0)
-    return dict(epoch=self.epoch, step=self._step)
-
   def _release(self):
     if self._it is not None:
       self._pipeline._keep_spare(self._it, (self.epoch + 1) * self._pipeline.steps_per_epoch, self._stop)
@@ -200,77 +183,51 @@ class EpochIterator:
 
 
 class Pipeline:
-  """Multi-crop training batches for this process.
+  """Multi-crop training batches for this process, of a config that config.validate has checked.
 
   Attributes: num_examples, global_batch, local_batch, steps_per_epoch, num_classes (None if unknown),
-  crops (validated `data.crops`), source.
+  crops (`data.crops` as tuples), source.
 
   `iterate(epoch, start_step)` yields dict(crops=[uint8 [local_batch, count, size, size, 3] per crop group],
   index=int32 [local_batch] (dataset index, -1 for an undecodable sample whose crops are zeros),
-  label=int32 [local_batch] (-1 unknown)).
-
-  Checkpointing: the state is {'epoch': e, 'step': s}, the next batch. Save the `get_state()` of what the
-  train loop consumed (the DevicePrefetcher from `device_prefetch`, which excludes prefetched batches, or
-  the EpochIterator; `pipeline.get_state()` is the latest EpochIterator's). To resume:
-  `pipeline.iterate(state['epoch'], state['step'])`, or `pipeline.set_state(state)` then
-  `pipeline.iterate(state['epoch'])`.
+  label=int32 [local_batch] (-1 unknown)). Where a run is needs no state of its own: batch s of epoch e is
+  a function of (seed, e, s), so a resumed run calls iterate(step // steps_per_epoch, step % steps_per_epoch).
   """
 
-  def __init__(self, config, process_index: int | None = None, process_count: int | None = None):
+  def __init__(self, config, process_index: int | None = None, process_count: int | None = None, source=None):
     if process_index is None or process_count is None:
-      import jax  # pylint: disable=g-import-not-at-top
-
+      import jax  # pylint: disable=g-import-not-at-top  (late: the grain workers import this module, and
+      #            they need numpy and PIL only)
       process_index = jax.process_index() if process_index is None else process_index
       process_count = jax.process_count() if process_count is None else process_count
-    if not 0 <= process_index < process_count:
-      raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     data = config.data
-    self.crops = parse_crops(data.crops)
-    where = config.augment.where
-    if where not in ("device", "host"):
-      raise ValueError(f"augment.where must be 'device' or 'host', got {where!r}")
-    self.source = sources.make_source(data)
+    self.crops = crop_groups(data.crops)
+    self.source = sources.make_source(data) if source is None else source
     self.num_examples = len(self.source)
     self.num_classes = getattr(self.source, "num_classes", None)
-
-    per_device = int(config.get("per_device_batch_size", 0) or 0)
-    if per_device > 0:
-      import jax  # pylint: disable=g-import-not-at-top
-
-      self.global_batch = per_device * jax.device_count()
-    else:
-      self.global_batch = int(config.batch_size)
-    if self.global_batch <= 0 or self.global_batch % process_count:
-      raise ValueError(f"global batch {self.global_batch} must be positive and divisible by the "
-                       f"{process_count} processes")
+    self.global_batch = int(config.batch_size)
     self.local_batch = self.global_batch // process_count
     self.steps_per_epoch = self.num_examples // self.global_batch
-    if self.steps_per_epoch == 0:
-      raise ValueError(f"the dataset has {self.num_examples} samples, fewer than one global batch of "
-                       f"{self.global_batch}: lower batch_size (or per_device_batch_size).")
     self.process_index, self.process_count = process_index, process_count
-    self._num_epochs = max(1, int(config.get("num_epochs", 1)))
-    self._num_workers = int(data.get("num_workers", 0))
-    self._threads = int(data.get("threads_per_worker", 1))
-    self._prefetch = int(data.get("prefetch", 2))
+    self._num_epochs = max(1, int(config.num_epochs))
+    self._num_workers = int(data.num_workers)
+    self._threads = int(data.threads_per_worker)
+    self._prefetch = int(data.prefetch)
     self.loader = TrainBatchLoader(
         self.source, seed=int(config.seed), crops=self.crops,
-        host_augment_cfg=_plain_augment_cfg(config.augment) if where == "host" else None,
+        host_augment_cfg=_plain_augment_cfg(config.augment) if config.augment.where == "host" else None,
         num_examples=self.num_examples, global_batch=self.global_batch, local_batch=self.local_batch,
         process_index=process_index, steps_per_epoch=self.steps_per_epoch)
     self._spare = None  # (grain iterator, its next global batch number, its stop) left by a finished epoch
     self._current: EpochIterator | None = None
-    self._state = dict(epoch=0, step=0)
 
-  def iterate(self, epoch: int, start_step: int | None = None) -> EpochIterator:
-    """The batches of `epoch` from `start_step` (default: the step given to set_state for this epoch, else 0).
+  def iterate(self, epoch: int, start_step: int = 0) -> EpochIterator:
+    """The batches of `epoch` from `start_step`.
 
     Closes the previous iterator of this Pipeline if it is unfinished (using it afterwards raises).
     """
     if epoch < 0:
       raise ValueError(f"epoch must be >= 0, got {epoch}")
-    if start_step is None:
-      start_step = self._state["step"] if self._state["epoch"] == epoch else 0
     if self._current is not None:
       self._current.close()  # one live iterator per Pipeline: an abandoned one must not keep its workers
     if not 0 <= start_step <= self.steps_per_epoch:
@@ -285,15 +242,6 @@ class Pipeline:
       it = _grain_iterator(self.loader, first, stop, self._num_workers, self._threads, self._prefetch)
     self._current = EpochIterator(self, epoch, start_step, it, stop)
     return self._current
-
-  def get_state(self) -> dict:
-    """{'epoch', 'step'} of the next batch of the latest iterator (prefetched batches not counted)."""
-    return self._current.get_state() if self._current is not None else dict(self._state)
-
-  def set_state(self, state: dict) -> None:
-    """Where the next `iterate(state['epoch'])` (start_step left out) starts."""
-    self._state = dict(epoch=int(state["epoch"]), step=int(state["step"]))
-    self._current = None
 
   def _keep_spare(self, it, next_batch: int, stop: int) -> None:
     self._close_spare()
@@ -353,8 +301,7 @@ def eval_batches(data_cfg, split: str, batch_size: int, image_size: int, process
   index -1), so a jitted feature extractor sees the same shapes everywhere.
   """
   if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
-
+    import jax  # pylint: disable=g-import-not-at-top  (late: see Pipeline.__init__)
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   source = sources.make_source(data_cfg, split)

@@ -18,24 +18,21 @@ class _Raised:
 
 
 class DevicePrefetcher:
-  """Iterator of global batches. `get_state()` is the wrapped iterator's state after the last batch this
-  object yielded, so a checkpoint never counts batches that were prefetched but not trained on."""
+  """Iterator of global batches, `size` of them prepared ahead."""
 
   def __init__(self, iterator: Iterator, mesh, size: int = 2):
+    # Late: importing dcv2_jax.data must not import jax, the grain worker processes import it too.
     from dcv2_jax import sharding  # pylint: disable=g-import-not-at-top
 
     self._source = iterator
     self._queue: queue.Queue = queue.Queue(maxsize=max(1, size))
     self._stop = threading.Event()
-    self._state = iterator.get_state() if hasattr(iterator, "get_state") else None
     self._done = False
 
     def produce():
       try:
         for batch in iterator:
-          item = (sharding.local_batch_to_global(batch, mesh),
-                  iterator.get_state() if hasattr(iterator, "get_state") else None)
-          if not self._put(item):
+          if not self._put(sharding.local_batch_to_global(batch, mesh)):
             return
         self._put(_END)
       except BaseException as e:  # pylint: disable=broad-except  (re-raised in the consumer)
@@ -67,11 +64,7 @@ class DevicePrefetcher:
     if isinstance(item, _Raised):
       self._done = True
       raise item.error
-    batch, self._state = item
-    return batch
-
-  def get_state(self):
-    return self._state
+    return item
 
   def close(self):
     """Stops the thread (the wrapped iterator is left to its owner to close)."""

@@ -106,6 +106,7 @@ class TfdsSource:
   raises in our per-sample error handling and TF is never needed."""
 
   def __init__(self, name: str, split: str, data_dir: str | None):
+    # Late: tensorflow_datasets takes seconds to import, and only this source needs it.
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
     where = data_dir or "the default data_dir (~/tensorflow_datasets)"
@@ -165,6 +166,7 @@ class DigitsSource:
   SPLITS = ("train", "validation", "test", "all")
 
   def __init__(self, split: str, image_size: int):
+    # Late: scikit-learn takes a second to import, and only the demo's data needs it.
     from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
 
     if split not in self.SPLITS:

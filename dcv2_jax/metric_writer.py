@@ -11,19 +11,24 @@ import time
 
 import jax
 import numpy as np
-from absl import logging
+from tensorboardX import SummaryWriter
 
 
-def to_python(x):
-  """Replicated jax arrays / numpy scalars -> JSON-ready Python numbers (lists for vectors)."""
-  if isinstance(x, jax.Array):
-    x = np.asarray(x.addressable_data(0))     # replicated: every process holds the full value
+def to_python(tree):
+  """Replicated jax arrays and numpy values in a pytree -> JSON-ready Python numbers (lists for vectors).
+
+  Every array is copied from its device in one batch (jax.device_get); replicated arrays are read from
+  this process's first shard, so this works on every process of a multi-host run.
+  """
+  local = jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, tree)
+  return jax.tree.map(_python_leaf, jax.device_get(local))
+
+
+def _python_leaf(x):
   if isinstance(x, np.ndarray):
     return x.item() if x.ndim == 0 else x.tolist()
   if isinstance(x, np.generic):
     return x.item()
-  if isinstance(x, dict):
-    return {k: to_python(v) for k, v in x.items()}
   return x
 
 
@@ -34,11 +39,7 @@ class MetricWriter:
     self._tb = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
-      try:
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      except ImportError:   # TensorBoard is a nicety; metrics.jsonl has everything
-        logging.warning("tensorboardX not installed: writing metrics.jsonl only")
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, record: dict) -> None:
     if not self.enabled:
