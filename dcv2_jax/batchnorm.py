@@ -30,7 +30,9 @@ class BatchNorm(nn.Module):
   dtype: Any = jnp.float32        # output dtype; statistics are always float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, mask=None):
+    """x [rows, ..., features]; mask [rows] bool: only these rows enter the statistics (a batch's
+    undecodable samples do not: their rows are zeros), every row is normalised with them."""
     features = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
@@ -46,7 +48,7 @@ class BatchNorm(nn.Module):
       raise ValueError(f"BatchNorm: batch {x.shape[0]} is not divisible into {g} SyncBN groups")
     xg = x.reshape((g, x.shape[0] // g) + x.shape[1:]).astype(jnp.float32)
     axes = tuple(range(1, xg.ndim - 1))
-    count = xg.size // (g * features)
+    per_row = xg.size // (x.shape[0] * features)            # spatial positions per row
     # One pass over x for both moments, shifted by the running mean. Why not the textbook two passes
     # (mean, then mean((x - mean)^2)): the second reduction waits for the first, so x is read twice more
     # and, across devices, two all-reduces run one after the other; here both moments come from one fused
@@ -55,15 +57,33 @@ class BatchNorm(nn.Module):
     # centred (PyTorch gets the same stability from Welford's update inside its kernel).
     shift = jax.lax.stop_gradient(ra_mean.value)
     d = xg - shift
-    d_mean = d.mean(axes, keepdims=True)
-    var = jnp.maximum(jnp.square(d).mean(axes, keepdims=True) - jnp.square(d_mean), 0.0)
+    if mask is None:
+      count = jnp.float32(xg.size // (g * features))
+      d_mean = d.mean(axes, keepdims=True)
+      d_sq = jnp.square(d).mean(axes, keepdims=True)
+      group_weight = jnp.ones((g,), jnp.float32)
+    else:
+      m = mask.reshape((g, x.shape[0] // g) + (1,) * (xg.ndim - 2)).astype(jnp.float32)
+      rows = m.sum(axis=tuple(range(1, m.ndim)))                                    # [g] valid rows
+      count = (rows * per_row).reshape((g,) + (1,) * (xg.ndim - 1))
+      d = d * m
+      d_mean = d.sum(axes, keepdims=True) / jnp.maximum(count, 1.0)
+      d_sq = jnp.square(d).sum(axes, keepdims=True) / jnp.maximum(count, 1.0)
+      group_weight = (rows > 0).astype(jnp.float32)                               # a group of no valid row
+    var = jnp.maximum(d_sq - jnp.square(d_mean), 0.0)
     mean = d_mean + shift
 
     if not self.is_initializing():
-      m = self.momentum
-      unbiased = var * (count / max(count - 1, 1))
-      ra_mean.value = m * ra_mean.value + (1 - m) * mean.reshape(g, features).mean(0)
-      ra_var.value = m * ra_var.value + (1 - m) * unbiased.reshape(g, features).mean(0)
+      momentum = self.momentum
+      unbiased = var * (count / jnp.maximum(count - 1.0, 1.0))
+      # The mean over groups of the groups' statistics; a group without a valid row has none and is left out,
+      # and a batch without any leaves the running statistics as they were.
+      w = group_weight / jnp.maximum(group_weight.sum(), 1.0)
+      any_valid = group_weight.sum() > 0
+      new_mean = (mean.reshape(g, features) * w[:, None]).sum(0)
+      new_var = (unbiased.reshape(g, features) * w[:, None]).sum(0)
+      ra_mean.value = jnp.where(any_valid, momentum * ra_mean.value + (1 - momentum) * new_mean, ra_mean.value)
+      ra_var.value = jnp.where(any_valid, momentum * ra_var.value + (1 - momentum) * new_var, ra_var.value)
 
     y = (xg - mean) * jnp.reciprocal(jnp.sqrt(var + self.epsilon)) * scale + bias
     return y.reshape(x.shape).astype(self.dtype)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dcv2_jax import augment, kmeans, kmeans_kernel, memory_bank
+from dcv2_jax import augment, cli, kmeans, kmeans_kernel, memory_bank
 from dcv2_jax.config import base_config
 from dcv2_jax.data import benchmark as data_benchmark
 from dcv2_jax.epoch_steps import jit_epoch_steps
@@ -282,6 +283,26 @@ ALL = (["assign"],
        ["step", "--crops", "2x224", "--jitter_orders", "fixed"])
 
 
+def _check_inputs(args) -> None:
+  """Every listed choice known before anything runs: a typo is one line, not a traceback or a JSON error line."""
+  lists = {"--crops": (args.crops, tuple(CROPS)), "--jitter_orders": (args.jitter_orders, augment.JITTER_ORDERS),
+           "--kmeans_dtypes": (args.kmeans_dtypes, kmeans.DTYPES), "--kmeans_sums": (args.kmeans_sums, kmeans.SUMS),
+           "--kmeans_assign": (args.kmeans_assign, kmeans.ASSIGN)}
+  for flag, (given, allowed) in lists.items():
+    unknown = [v for v in given.split(",") if v and v not in allowed]
+    if unknown:
+      raise cli.UsageError(f"{flag}: unknown {', '.join(unknown)}; choose from {', '.join(allowed)}")
+  if args.dtype not in DTYPES:
+    raise cli.UsageError(f"--dtype {args.dtype}: choose one of {', '.join(DTYPES)}")
+  bad = [b for b in args.blocks.split(",") if b and not re.fullmatch(r"\d+x\d+x\d+x\d+", b)]
+  if bad:
+    raise cli.UsageError(f"--blocks: {', '.join(bad)} is not block_rows x block_k x num_warps x num_stages, e.g. 128x128x8x2")
+  for flag in ("batch", "baseline_batch", "steps", "kmeans_rows", "chunk"):
+    if getattr(args, flag) <= 0:
+      raise cli.UsageError(f"--{flag} must be > 0")
+
+
+@cli.one_line_errors
 def main(argv=None) -> list[dict]:
   ap = argparse.ArgumentParser(prog="python -m dcv2_jax.bench", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -305,6 +326,7 @@ def main(argv=None) -> list[dict]:
                   help="assign: fused-kernel configs block_rows x block_k x num_warps x num_stages")
   ap.add_argument("--trace", default="", help="step: write a jax.profiler trace of the timed steps here")
   args, rest = ap.parse_known_args(argv)
+  _check_inputs(args)
   global TRACE_DIR
   TRACE_DIR = args.trace or None
   results = []

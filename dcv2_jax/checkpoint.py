@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 
@@ -55,8 +56,27 @@ def _registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
   return registry
 
 
+_OS_CAUSES = re.compile(r"No space left on device|Disk quota exceeded|Permission denied|Read-only file system|"
+                        r"Too many open files|Input/output error")
+
+
+def _save_cause(error: BaseException) -> str:
+  """The reason a write failed, as the OS put it if it is in there (buried in orbax's and TensorStore's
+  wrapping), else the error's first line."""
+  chain, seen = [], set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    chain.append(error)
+    error = error.__cause__ or error.__context__
+  for e in chain:
+    found = _OS_CAUSES.search(str(e)) or (isinstance(e, OSError) and e.strerror and _OS_CAUSES.search(e.strerror))
+    if found:
+      return f"{found.group(0)}: {type(e).__name__}"
+  return _first_line(chain[0], 200)
+
+
 def _first_line(error: BaseException, limit: int = 300) -> str:
-  text = " ".join(str(error).split())
+  text = " ".join(str(error).split()).split(" See full TensorStore details")[0]
   return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
@@ -96,8 +116,11 @@ class Checkpoints:
     self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
     self.manager = ocp.CheckpointManager(
         self.directory, handler_registry=_registry(),
+        # cleanup_tmp_directories: a save cut short (killed, disk full) leaves a temporary directory, never
+        # loaded; the next run removes it, so its space comes back.
         options=ocp.CheckpointManagerOptions(preservation_policy=ocp.checkpoint_managers.LatestN(keep),
-                                             create=True, enable_async_checkpointing=async_save))
+                                             create=True, enable_async_checkpointing=async_save,
+                                             cleanup_tmp_directories=True))
     self._saving: int | None = None          # the step of an async save not yet known to be complete
     self._failed = False
 
@@ -127,13 +150,14 @@ class Checkpoints:
   def _save_failed(self, step, error) -> CheckpointSaveError:
     self._failed = True
     try:
-      last = max((s for s in self.manager.all_steps(read=True) if s != step), default=None)
+      self.manager.reload()
+      last = max((s for s in self.manager.all_steps() if s != step), default=None)
     except Exception:  # pylint: disable=broad-except  (the directory itself may be gone)
       last = None
     where = (f"the last complete checkpoint is step {last}: run the same command to resume from it once the "
              "disk has space" if last is not None else "no checkpoint of this run is complete yet")
     return CheckpointSaveError(
-        f"saving checkpoint {step} to {self.directory} failed ({_first_line(error, 200)}); "
+        f"saving checkpoint {step} to {self.directory} failed ({_save_cause(error)}); "
         f"{format_bytes(free_bytes(self.directory))} free there; {where}")
 
   def warn_if_disk_too_small(self, abstract_state, keep: int) -> None:

@@ -38,6 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.prefetch = 2                 # batches prepared ahead, per worker / on device
   d.image_size_digits = 32       # digits demo: 8x8 images are upscaled to this size first
   d.threads_per_worker = 1       # threads building batches in each worker (or in-process if num_workers=0)
+  d.max_bad_fraction = 0.01      # undecodable files are skipped; a run with a larger share of them stops
 
   # --- augmentation (spec: applied independently per crop) ---
   c.augment = a = ml_collections.ConfigDict()
@@ -213,6 +214,8 @@ def validate(config, num_examples: int, steps_per_epoch: int, num_devices: int, 
   if loss_cfg.kmeans_iters < 0 or loss_cfg.kmeans_chunk <= 0:
     problems.append(f"loss.kmeans_iters={loss_cfg.kmeans_iters} must be >= 0 and loss.kmeans_chunk="
                     f"{loss_cfg.kmeans_chunk} > 0")
+  if not 0 <= config.data.max_bad_fraction <= 1:
+    problems.append(f"data.max_bad_fraction={config.data.max_bad_fraction} must lie in [0, 1]")
   for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "num_epochs"):
     if config[key] <= 0:
       problems.append(f"{key}={config[key]} must be > 0")

@@ -23,10 +23,16 @@ _IGNORED_ON_IMPORT = re.compile(r"^(fc\.|projection_head\.|prototypes\.)|(^|\.)n
 def load_state_dict_file(path: str) -> dict[str, np.ndarray]:
   """A .safetensors or torch (.pth/.pt/.tar) file -> flat {name: np.ndarray} (nesting joined by '.')."""
   path = os.fspath(path)
-  if path.endswith(".safetensors"):
-    return load_file(path)
-  import torch  # pylint: disable=g-import-not-at-top  (late: only .pth files need torch, an optional package)
-  obj = torch.load(path, map_location="cpu", weights_only=True)
+  try:
+    if path.endswith(".safetensors"):
+      return load_file(path)
+    import torch  # pylint: disable=g-import-not-at-top  (late: only .pth files need torch, an optional package)
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except ImportError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (safetensors', torch's and pickle's errors alike)
+    raise ValueError(f"{path} is not a weights file this tool reads (a .safetensors file or a torch state dict: "
+                     f"{type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
   if not isinstance(obj, Mapping):
     raise ValueError(f"{path}: expected a state dict, found a {type(obj).__name__}")
 

@@ -11,6 +11,7 @@ import time
 
 import jax
 import numpy as np
+from absl import logging
 from tensorboardX import SummaryWriter
 
 
@@ -33,6 +34,10 @@ def _python_leaf(x):
 
 
 class MetricWriter:
+  """Appends records to <workdir>/metrics.jsonl and TensorBoard. A write that fails (a full disk) warns
+  once and the writer goes quiet: metrics are never worth stopping a run for, and the checkpoint save
+  that the same disk fails next reports the cause."""
+
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
@@ -45,17 +50,29 @@ class MetricWriter:
     if not self.enabled:
       return
     record = to_python(record)
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record, allow_nan=True) + "\n")
-    if self._tb is not None:
-      step = record.get("step", 0)
-      for key, value in _flatten(record):
-        if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-          self._tb.add_scalar(key, value, step)
+    try:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record, allow_nan=True) + "\n")
+      if self._tb is not None:
+        step = record.get("step", 0)
+        for key, value in _flatten(record):
+          if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+            self._tb.add_scalar(key, value, step)
+    except OSError as e:
+      self._failed(e)
+
+  def _failed(self, error: OSError) -> None:
+    logging.warning("metrics: writing %s failed (%s); no more metrics are written by this process",
+                    self.path, error)
+    self.enabled = False
 
   def close(self) -> None:
     if self._tb is not None:
-      self._tb.close()
+      try:
+        self._tb.close()
+      except OSError as e:
+        self._failed(e)
+      self._tb = None
 
 
 def _flatten(record, prefix=""):

@@ -61,7 +61,7 @@ class Block(nn.Module):
   dtype: Any
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, mask=None):
     if self.bottleneck:
       convs = ((self.planes, 1, 1), (self.planes, 3, self.stride), (self.planes * 4, 1, 1))
     else:
@@ -69,17 +69,20 @@ class Block(nn.Module):
     y = x
     for i, (features, kernel, stride) in enumerate(convs, start=1):
       y = Conv(features, kernel, stride, self.dtype, name=f"conv{i}")(y)
-      y = self.norm(name=f"bn{i}")(y)
+      y = self.norm(name=f"bn{i}")(y, mask)
       if i < len(convs):
         y = nn.relu(y)
     if self.downsample:
       x = Conv(convs[-1][0], 1, self.stride, self.dtype, name="downsample_conv")(x)
-      x = self.norm(name="downsample_bn")(x)
+      x = self.norm(name="downsample_bn")(x, mask)
     return nn.relu(y + x)
 
 
 class ResNet(nn.Module):
-  """Trunk: images [B,H,W,3] (normalised) -> pooled float32 features [B, feature_dim]."""
+  """Trunk: images [B,H,W,3] (normalised) -> pooled float32 features [B, feature_dim].
+
+  mask [B] bool (train mode): the rows that enter BatchNorm's statistics (default all).
+  """
   depth: int = 50
   width: int = 1
   base_width: int = 64
@@ -89,14 +92,14 @@ class ResNet(nn.Module):
   bn_eps: float = 1e-5
 
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x, train: bool, mask=None):
     kind, blocks = STAGES[self.depth]
     bottleneck = kind == "bottleneck"
     norm = lambda name: BatchNorm(not train, self.bn_groups, self.bn_momentum, self.bn_eps, self.dtype,
                                   name=name)
     stem = self.base_width * self.width
     x = Conv(stem, 7, 2, self.dtype, name="conv1")(x.astype(self.dtype))
-    x = nn.relu(norm("bn1")(x))
+    x = nn.relu(norm("bn1")(x, mask))
     x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     in_ch = stem
     for stage, n in enumerate(blocks):
@@ -105,7 +108,7 @@ class ResNet(nn.Module):
       for i in range(n):
         stride = 2 if (stage > 0 and i == 0) else 1
         x = Block(planes, stride, bottleneck, i == 0 and (stride != 1 or in_ch != out_ch), norm,
-                  self.dtype, name=f"layer{stage + 1}_{i}")(x)
+                  self.dtype, name=f"layer{stage + 1}_{i}")(x, mask)
         in_ch = out_ch
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
@@ -129,14 +132,14 @@ class ProjectionHead(nn.Module):
   bn_eps: float = 1e-5
 
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x, train: bool, mask=None):
     for i, d in enumerate(self.dims):
       x = nn.Dense(d, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=linear_init,
                    bias_init=_torch_linear_bias_init(x.shape[-1]), name=f"linear{i}")(x)
       if i < len(self.dims) - 1:
         if self.use_bn:
           x = BatchNorm(not train, self.bn_groups, self.bn_momentum, self.bn_eps, self.dtype,
-                        name=f"bn{i}")(x)
+                        name=f"bn{i}")(x, mask)
         if self.use_relu:
           x = nn.relu(x)
     return x.astype(jnp.float32)
@@ -153,6 +156,7 @@ class DCv2Model(nn.Module):
   `crops` is a list with one array [B, n_g, S_g, S_g, 3] per crop group. Consecutive groups of equal size
   go through the trunk together (as the reference concatenates equal resolutions). Rows stay
   sample-major ([B, n] -> [B*n]) so every reshape keeps each device's rows on that device.
+  mask [B] bool: the samples whose rows enter BatchNorm's statistics (not the undecodable ones).
   """
   depth: int = 50
   width: int = 1
@@ -170,15 +174,16 @@ class DCv2Model(nn.Module):
     self.trunk = ResNet(self.depth, self.width, self.base_width, self.dtype, **bn)
     self.head = ProjectionHead(tuple(self.head_dims), self.head_bn, self.head_relu, self.dtype, **bn)
 
-  def __call__(self, crops, train: bool = True):
+  def __call__(self, crops, train: bool = True, mask=None):
+    rows = lambda n: None if mask is None else jnp.repeat(mask, n)      # sample-major: each sample's n rows
     feats = []
     for group in _equal_size_runs(crops):
       x = jnp.concatenate(group, axis=1) if len(group) > 1 else group[0]
       b, n = x.shape[:2]
-      feats.append(self.trunk(x.reshape((b * n,) + x.shape[2:]), train).reshape(b, n, -1))
+      feats.append(self.trunk(x.reshape((b * n,) + x.shape[2:]), train, rows(n)).reshape(b, n, -1))
     f = jnp.concatenate(feats, axis=1) if len(feats) > 1 else feats[0]
     b, c = f.shape[:2]
-    z = self.head(f.reshape(b * c, -1), train)
+    z = self.head(f.reshape(b * c, -1), train, rows(c))
     return l2_normalize(z).reshape(b, c, -1)
 
 

@@ -45,9 +45,11 @@ def train_step(spec: StepSpec, state: TrainState, batch):
   crops = _augment(spec, batch["crops"], index, epoch)
   targets = targets_for(state.table, index)
 
+  # An undecodable sample (index -1, zero crops) takes no part: not in BatchNorm's statistics (mask), not in
+  # the loss (target -100), not in the memory bank (slot left empty).
   def loss_fn(params):
     z, mutated = spec.model.apply({"params": params, "batch_stats": state.batch_stats}, crops, train=True,
-                                  mutable=["batch_stats"])
+                                  mask=index >= 0, mutable=["batch_stats"])
     loss, acc = dcv2_loss(jnp.swapaxes(z, 0, 1), state.centroids, targets, spec.temperature,
                           return_accuracy=True)
     return loss * state.loss_scale.scale, (loss, acc, z, mutated["batch_stats"])
@@ -103,7 +105,7 @@ def bank_init_step(spec: StepSpec, state: TrainState, batch, slot):
     g, col = _group_of_crop(spec, crop)
     (x,) = _augment(spec, [batch["crops"][g][:, col:col + 1]], index, epoch, crop_ids=[(crop,)])
     z, mutated = spec.model.apply({"params": state.params, "batch_stats": batch_stats}, [x], train=True,
-                                  mutable=["batch_stats"])
+                                  mask=index >= 0, mutable=["batch_stats"])
     batch_stats = mutated["batch_stats"]
     zs.append(z[:, 0])
   bank = memory_bank.write(state.bank, slot, jnp.stack(zs), index)

@@ -43,6 +43,10 @@ class DeviceOutOfMemory(RuntimeError):
   pass
 
 
+class BadData(RuntimeError):
+  """More of the data than data.max_bad_fraction does not decode."""
+
+
 class Preempted(Exception):
   """The scheduler's SIGTERM arrived: a checkpoint of `step` was saved and training stopped."""
 
@@ -67,6 +71,7 @@ class Run:
   preemption: PreemptionNotice
   root_key: jax.Array
   labels: np.ndarray | None              # class labels by dataset index (cluster metrics), if the data has them
+  bad_samples_total: int = 0             # samples skipped as undecodable since the run began (all epochs)
 
   @property
   def steps_per_epoch(self) -> int:
@@ -170,18 +175,19 @@ def resume(run: Run) -> TrainState | None:
     run.checkpoints.warn_if_disk_too_small(shape, run.config.keep_checkpoints)
     return None
   state, meta = restored
+  run.bad_samples_total = int(meta.get("bad_samples_total", 0))
   logging.info("resumed from step %d (epoch %d)", int(meta["step"]), int(meta["step"]) // run.steps_per_epoch)
   return state
 
 
 def fill_memory_bank(run: Run, state: TrainState) -> TrainState:
-  """The memory bank's initial pass, before epoch 0's k-means: an epoch of forward passes, no training
-  (minutes at ImageNet scale, so with progress and ETA)."""
+  """The memory bank's initial pass, before epoch 0's k-means: an epoch of forward passes over epoch 0's
+  samples (crops and colour ops of their own), no training; minutes at ImageNet scale, so with progress
+  and ETA."""
   spe, batch = run.steps_per_epoch, run.config.batch_size
   t0 = time.time()
   progress = Progress(spe, 0, batch, batch * len(run.spec.crops_for_mb))
-  # An epoch number past training: a sample order of its own.
-  with data.device_prefetch(run.pipeline.iterate(run.config.num_epochs), run.mesh) as batches:
+  with data.device_prefetch(run.pipeline.bank_pass(), run.mesh) as batches:
     for slot, b in enumerate(batches):
       state = run.steps.bank_init(state, b, jnp.asarray(slot, jnp.int32))
       if (slot + 1) % run.config.log_every_steps == 0 and slot + 1 < spe:
@@ -189,9 +195,21 @@ def fill_memory_bank(run: Run, state: TrainState) -> TrainState:
         r = progress.report(slot + 1)
         logging.info("memory bank: %d/%d steps, %.0f img/s, ETA %s", slot + 1, spe, r["img_per_s"],
                      format_eta(r["eta_s"]))
-  jax.block_until_ready(state.bank.z)
-  logging.info("memory bank filled: %d rows in %.1fs", spe * batch, time.time() - t0)
+  bad = int(to_python(jnp.sum(state.bank.index < 0)))
+  logging.info("memory bank filled: %d rows in %.1fs", spe * batch - bad, time.time() - t0)
+  check_bad_data(run, bad, spe * batch, "in the memory bank's initial pass")
   return state
+
+
+def check_bad_data(run: Run, bad: int, samples: int, when: str) -> None:
+  """Stops the run (BadData) when more than data.max_bad_fraction of `samples` did not decode."""
+  limit = run.config.data.max_bad_fraction
+  if samples and bad / samples > limit:
+    examples = ", ".join(f"{run.pipeline.source.describe(i)} ({reason.split(':')[0]})"
+                         for i, reason in list(run.pipeline.bad_samples.items())[:3])
+    raise BadData(f"{bad} of {samples} samples ({100 * bad / samples:.1f}%) {when} could not be decoded, more than "
+                  f"data.max_bad_fraction={limit}; for example {examples}. Repair or remove those files, or raise "
+                  "--config.data.max_bad_fraction")
 
 
 # ------------------------------------------------------------------------------------------- epochs
@@ -223,7 +241,10 @@ def cluster(run: Run, state: TrainState, epoch: int, previous):
   health = cluster_metrics.cluster_health(table, spec.num_clusters, previous, run.labels,
                                           sizes=np.asarray(sizes.addressable_data(0)))
   if jax.process_index() == 0:
-    assignments.save(run.workdir, epoch, table, run.config.keep_assignments)
+    try:
+      assignments.save(run.workdir, epoch, table, run.config.keep_assignments)
+    except OSError as e:      # an output for inspection, not worth stopping for (a full disk fails the save next)
+      logging.warning("could not write epoch %d's assignment table to %s: %s", epoch, run.workdir, e)
   run.writer.write({"step": epoch * run.steps_per_epoch, "epoch": epoch, "kmeans_s": kmeans_s, "clusters": health})
   logging.info("epoch %d k-means %.2fs: empty clusters %s, size entropy %s%s", epoch, kmeans_s,
                health["empty_clusters"], [round(x, 3) for x in health["size_entropy"]],
@@ -243,11 +264,11 @@ def train_epoch(run: Run, state: TrainState, epoch: int, first_step: int):
   config, spe = run.config, run.steps_per_epoch
   step = epoch * spe + first_step
   progress = Progress(run.total_steps, step, config.batch_size, config.batch_size * run.spec.num_crops)
-  losses, pending, stop = [], None, False
+  losses, pending, stop, bad = [], None, False, 0
 
   def settle():
     """Fetches the pending step's outputs (one transfer) and acts on them; returns its metrics."""
-    nonlocal pending, stop
+    nonlocal pending, stop, bad
     at, metrics, control = pending
     metrics, control = to_python((metrics, control))
     pending = None
@@ -256,6 +277,7 @@ def train_epoch(run: Run, state: TrainState, epoch: int, first_step: int):
       logging.warning("SIGTERM received (on at least one process): saving a checkpoint, then stopping")
     stop = stop or stop_now
     losses.append(metrics["loss"])
+    bad += metrics["skipped"]
     if config.model.dtype == "float16":
       metrics["loss_scale"] = control.loss_scale
     return metrics
@@ -276,12 +298,16 @@ def train_epoch(run: Run, state: TrainState, epoch: int, first_step: int):
         if pending is not None:
           settle()
         run.checkpoints.save(step, state, {"step": step, "num_examples": run.spec.num_examples,
-                                           "global_batch": config.batch_size, "config": config.to_json_best_effort()})
+                                           "global_batch": config.batch_size, "config": config.to_json_best_effort(),
+                                           "bad_samples_total": run.bad_samples_total + bad})
       if stop:
         raise Preempted(step)
   if pending is not None:
     settle()
-  run.writer.write({"step": step, "epoch": epoch, "epoch_loss": float(np.mean(losses)) if losses else None})
+  run.bad_samples_total += bad
+  run.writer.write({"step": step, "epoch": epoch, "epoch_loss": float(np.mean(losses)) if losses else None,
+                    "bad_samples": bad, "bad_samples_total": run.bad_samples_total})
+  check_bad_data(run, bad, len(losses) * config.batch_size, f"in epoch {epoch}")
   return state, step
 
 

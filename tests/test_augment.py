@@ -40,8 +40,8 @@ def denorm(y):
 
 def torchvision_reference(img_u8, p, i, ksize):
   """The spec's per-crop chain with torchvision's functional tensor ops, one image."""
-  torch = pytest.importorskip("torch")
-  F = pytest.importorskip("torchvision.transforms.v2.functional")
+  import torch
+  from torchvision.transforms.v2 import functional as F
   x = torch.from_numpy(img_u8).permute(2, 0, 1).float() / 255.0
   if p["flip"][i]:
     x = F.horizontal_flip(x)
@@ -68,6 +68,7 @@ def test_blur_kernel_size():
   assert [augment.blur_kernel_size(s, frac) for s in (224, 160, 96, 64, 32)] == [23, 17, 9, 7, 3]
 
 
+@pytest.mark.torch
 def test_each_op_matches_torchvision():
   size = 40
   imgs = smooth_images(8, size)
@@ -90,6 +91,7 @@ def test_each_op_matches_torchvision():
     np.testing.assert_allclose(got[i], want, atol=2e-4, err_msg=f"image {i}")
 
 
+@pytest.mark.torch
 def test_device_augment_matches_torchvision_with_its_own_draws():
   size = 32
   imgs = smooth_images(16, size, seed=1)
@@ -203,6 +205,7 @@ def test_host_augment_matches_device_ops():
   np.testing.assert_allclose(host / 255.0, device, atol=0.5 / 255 + 1e-5)
 
 
+@pytest.mark.torch
 def test_jitter_in_random_orders_matches_torchvision():
   size, n = 24, 8
   imgs = smooth_images(n, size, seed=7)

@@ -59,6 +59,7 @@ def test_bad_group_size_message():
   assert num_groups(-1, 16, 8) == 2 and num_groups(0, 16, 8) == 1 and num_groups(4, 16, 8) == 4
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("std,running_mean,atol", [
     (0.01, [99.99, -50.01, 3.0], 2e-3),     # |mean|/std 1e4, running mean near the batch mean (trained)
     (10.0, [0.0, 0.0, 0.0], 1e-4)])         # |mean|/std 10, running mean 0 (the first steps)
@@ -67,7 +68,7 @@ def test_one_pass_statistics_with_large_means_and_gradient_match_torch(std, runn
   E[x^2] - E[x]^2 in float32 would cancel to noise) the output and the input gradient still match
   torch's BatchNorm in float64 once the running mean is near the batch mean, and before that (shift 0)
   at the mean/std ratios a ResNet has at initialisation (about 10 at most)."""
-  torch = pytest.importorskip("torch")
+  import torch
   rng = np.random.default_rng(7)
   means = np.array([100.0, -50.0, 3.0]) * (1.0 if std < 1 else std / 10.0)
   x = (rng.normal(size=(16, 4, 4, 3)) * std + means).astype(np.float32)
@@ -89,3 +90,32 @@ def test_one_pass_statistics_with_large_means_and_gradient_match_torch(std, runn
   np.testing.assert_allclose(np.asarray(y), yt.detach().permute(0, 2, 3, 1).numpy(), atol=atol)
   ref_g = xt.grad.permute(0, 2, 3, 1).numpy()
   np.testing.assert_allclose(np.asarray(gx), ref_g, atol=atol * np.abs(ref_g).max())
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_masked_rows_take_no_part_in_the_statistics(groups):
+  """Rows of undecodable samples (mask False) are left out of the batch statistics, per group, against
+  float64 numpy over the valid rows; a group with no valid row leaves the running statistics alone."""
+  rng = np.random.default_rng(groups)
+  x = (rng.normal(size=(16, 3, 3, 4)) * 2 + 5).astype(np.float32)
+  mask = np.ones(16, bool)
+  mask[[1, 5, 6, 13]] = False
+  x[~mask] = 0.0                                           # what a skipped sample's crops become
+  bn = BatchNorm(use_running_average=False, num_groups=groups, momentum=0.9)
+  variables = bn.init(jax.random.key(0), jnp.asarray(x))
+  y, upd = bn.apply(variables, jnp.asarray(x), jnp.asarray(mask), mutable=["batch_stats"])
+  size, means, vars_unbiased = 16 // groups, [], []
+  for g in range(groups):
+    rows = slice(g * size, (g + 1) * size)
+    part = x[rows][mask[rows]].astype(np.float64)
+    m, v = part.mean((0, 1, 2)), part.var((0, 1, 2))
+    np.testing.assert_allclose(np.asarray(y)[rows][mask[rows]], (part - m) / np.sqrt(v + 1e-5), atol=2e-5)
+    n = part.size // 4
+    means.append(m)
+    vars_unbiased.append(v * n / (n - 1))
+  np.testing.assert_allclose(np.asarray(upd["batch_stats"]["mean"]), 0.1 * np.mean(means, 0), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(upd["batch_stats"]["var"]), 0.9 + 0.1 * np.mean(vars_unbiased, 0), rtol=1e-5)
+  # No valid row at all: the running statistics stay as they were.
+  _, upd = bn.apply(variables, jnp.asarray(x), jnp.zeros(16, bool), mutable=["batch_stats"])
+  np.testing.assert_array_equal(np.asarray(upd["batch_stats"]["mean"]), np.zeros(4))
+  np.testing.assert_array_equal(np.asarray(upd["batch_stats"]["var"]), np.ones(4))

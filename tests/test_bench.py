@@ -1,6 +1,8 @@
 """The benchmark command at tiny sizes on CPU: it runs and prints the figures it promises."""
 import json
 
+import pytest
+
 from dcv2_jax import bench
 
 
@@ -44,10 +46,29 @@ def test_assign_bench_compares_kernel_with_xla(capsys):
   assert all(r["ms"] > 0 for r in lines) and lines[1]["agree_with_xla"] == 1.0 and "agree_with_xla" not in lines[0]
 
 
-def test_a_failing_case_is_reported_and_the_rest_still_run(capsys):
+def test_a_failing_case_is_reported_and_the_rest_still_run(capsys, monkeypatch):
+  """A case that fails (here the fused kernel, as a compiler could reject it) prints an error line; the next runs."""
+  real = bench.bench_kmeans
+
+  def rejects_the_kernel(*args):
+    if args[-1] == "pallas":
+      raise ValueError("the compiler rejected the kernel")
+    return real(*args)
+
+  monkeypatch.setattr(bench, "bench_kmeans", rejects_the_kernel)
   bench.main(["kmeans", "--quick", "--kmeans_dtypes", "float32", "--kmeans_sums", "scatter",
-              "--kmeans_assign", "bogus,xla"])
+              "--kmeans_assign", "pallas,xla"])
   lines = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
-  assert [r["assign"] for r in lines] == ["bogus", "xla"]
+  assert [r["assign"] for r in lines] == ["pallas", "xla"]
   assert "ValueError" in lines[0]["error"] and "seconds" not in lines[0]
   assert lines[1]["seconds"] > 0 and "error" not in lines[1]
+
+
+def test_bad_input_is_one_line_before_anything_runs(capsys):
+  for argv, part in ((["step", "--crops", "2x224,bogus"], "--crops: unknown bogus"),
+                     (["kmeans", "--kmeans_dtypes", "float64"], "--kmeans_dtypes: unknown float64"),
+                     (["assign", "--blocks", "128x128"], "--blocks: 128x128 is not"),
+                     (["step", "--batch", "0"], "--batch must be > 0")):
+    with pytest.raises(SystemExit, match=part):
+      bench.main(argv)
+  assert capsys.readouterr().out == ""        # no case ran

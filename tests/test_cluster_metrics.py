@@ -100,3 +100,13 @@ def test_cluster_health_imagenet_scale_is_fast():
   assert out["assigned"] == [n - 1000] * 3
   # Independent tables: NMI is ~0.26, not 0, because K*K cells over N samples bias it upward.
   assert 0.0 < out["nmi_prev"][0] < 0.3
+
+
+def test_cluster_health_takes_the_sizes_kmeans_counted():
+  rng = np.random.default_rng(3)
+  table = rng.integers(0, 6, (2, 500)).astype(np.int32)
+  table[:, :20] = -100
+  counted = np.stack([np.bincount(t[t >= 0], minlength=6) for t in table])
+  assert cm.cluster_health(table, 6, sizes=counted) == cm.cluster_health(table, 6)
+  given = cm.cluster_health(table, 6, sizes=np.array([[480, 0, 0, 0, 0, 0], counted[1]]))
+  assert given["empty_clusters"] == [5, cm.cluster_health(table, 6)["empty_clusters"][1]]

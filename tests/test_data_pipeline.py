@@ -155,6 +155,11 @@ def test_bad_files_are_skipped_and_marked(tmp_path, caplog):
   assert marked.sum() == 2 and (batch["label"][marked] == -1).all()
   assert (batch["crops"][0][marked] == 0).all() and (batch["crops"][0][~marked] != 0).any()
   assert "bad_garbage.jpg" in caplog.text and "bad_truncated.jpg" in caplog.text
+  assert sorted(p.bad_samples) == sorted(bad) and all("Error" in why for why in p.bad_samples.values())
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):          # the next epoch skips them again, without a word
+    (batch,) = list(p.iterate(1))
+  assert (batch["index"] == -1).sum() == 2 and "bad_" not in caplog.text
   ev = list(eval_batches(cfg.data, "train", 8, 16, 0, 1))
   valid = np.concatenate([b["valid"] for b in ev])
   assert valid.sum() == 10 and len(valid) == 16

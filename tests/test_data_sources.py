@@ -9,7 +9,7 @@ from PIL import Image
 from dcv2_jax import config as config_lib
 from dcv2_jax.data import Pipeline, eval_batches, make_source
 
-tfds = pytest.importorskip("tensorflow_datasets")
+import tensorflow_datasets as tfds
 
 
 def data_cfg(**kw):

@@ -3,14 +3,15 @@ import math
 
 import numpy as np
 import pytest
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
 from PIL import Image
 from scipy import stats
 
 from dcv2_jax.data import transforms
 
-torch = pytest.importorskip("torch")
-T = pytest.importorskip("torchvision.transforms")
-TF = pytest.importorskip("torchvision.transforms.functional")
+pytestmark = pytest.mark.torch
 
 
 def draw_boxes(height, width, scale, n, seed=0):

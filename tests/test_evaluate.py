@@ -222,3 +222,29 @@ def test_evaluate_trunk_digits_end_to_end():
                           image_size=16, progress=False, **NORM)
   assert res["num_train"] + res["num_test"] == 1797 and res["num_test"] > 0
   assert res["knn_top1"] > 0.3
+
+
+def test_bad_input_to_the_commands_is_one_line(tmp_path):
+  """evaluate, linear_eval and export: a wrong path or a file that holds no weights ends with one line
+  naming the problem and a non-zero exit, in process (SystemExit) and as a command (no traceback)."""
+  import subprocess
+  import sys
+  from dcv2_jax import export, linear_eval
+  junk = tmp_path / "junk.pth"
+  junk.write_bytes(b"not a state dict")
+  (tmp_path / "empty").mkdir()
+  cases = [(evaluate.main, ["--weights", str(junk)], "is not a weights file this tool reads"),
+           (evaluate.main, ["--workdir", str(tmp_path / "missing")], "does not exist"),
+           (evaluate.main, ["--workdir", str(tmp_path / "empty")], "has no config.json"),
+           (evaluate.main, [], "give --workdir"),
+           (linear_eval.main, ["--workdir", str(tmp_path / "missing")], "does not exist"),
+           (export.main, ["--workdir", str(tmp_path / "empty"), "--format", "swav", "--out", str(tmp_path / "x.pth")],
+            "not a dcv2-jax workdir")]
+  for main, argv, part in cases:
+    with pytest.raises(SystemExit) as e:
+      main(argv)
+    assert str(e.value).startswith("error: ") and part in str(e.value) and "\n" not in str(e.value)
+  r = subprocess.run([sys.executable, "-m", "dcv2_jax.evaluate", "--weights", str(junk)], capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode != 0 and "Traceback" not in r.stderr
+  assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "is not a weights file" in r.stderr

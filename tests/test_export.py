@@ -23,6 +23,7 @@ from dcv2_jax.config import base_config
 from dcv2_jax.models import DCv2Model, ProjectionHead, ResNet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.torch
 
 
 def assert_close(ours, ref, rtol):

@@ -205,7 +205,28 @@ def test_fused_nearest_lowers_to_a_triton_kernel_for_cuda(dtype):
   must accept it, so a GPU run does not fail there. Compiling the Triton IR to PTX needs the GPU."""
   from jax import export
   fn = jax.jit(lambda x, c: kmeans_kernel.nearest(x, c, interpret=False))
-  exported = export.export(fn, platforms=["cuda"], disabled_checks=[
-      export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
-      jax.ShapeDtypeStruct((1000, 100), jnp.dtype(dtype)), jax.ShapeDtypeStruct((3000, 100), jnp.float32))
+  # The GPU the lowering targets (JAX 0.11 reads its compute capability from the mesh's abstract device).
+  h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
+    exported = export.export(fn, platforms=["cuda"], disabled_checks=[
+        export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+        jax.ShapeDtypeStruct((1000, 100), jnp.dtype(dtype)), jax.ShapeDtypeStruct((3000, 100), jnp.float32))
   assert "__gpu$xla.gpu.triton" in exported.mlir_module()
+
+
+def test_pallas_falls_back_to_xla_where_the_kernel_cannot_run(monkeypatch, caplog):
+  """A JAX without Pallas' Triton backend (deprecated in JAX 0.11): loss.kmeans_assign=pallas warns once and
+  runs the XLA assignment, with the same result."""
+  rng = np.random.default_rng(12)
+  bank = blobs(rng, 96, 8, 4)
+  init = bank[:5]
+  want = kmeans.lloyd(jnp.asarray(bank), jnp.asarray(init), 3, settings=KMeansSettings(assign="xla"))
+  monkeypatch.setattr(kmeans_kernel, "unavailable_reason", lambda: "this JAX has no Pallas Triton backend")
+  monkeypatch.setattr(kmeans_kernel, "nearest", lambda *a, **k: pytest.fail("the fused kernel was called"))
+  kmeans._warn_no_fused_kernel.cache_clear()
+  with caplog.at_level("WARNING"):
+    got = kmeans.lloyd(jnp.asarray(bank), jnp.asarray(init), 3, settings=KMeansSettings(assign="pallas", chunk_size=48))
+  np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+  np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), atol=1e-6)
+  warnings = [r for r in caplog.records if "no Pallas Triton backend" in r.getMessage()]
+  assert len(warnings) == 1 and "loss.kmeans_assign=xla" in warnings[0].getMessage()

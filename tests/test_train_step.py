@@ -9,6 +9,7 @@ import pytest
 from dcv2_jax import augment
 from dcv2_jax.config import base_config
 from dcv2_jax.epoch_steps import jit_epoch_steps
+from dcv2_jax.loss import dcv2_loss
 from dcv2_jax.sharding import local_batch_to_global, make_mesh
 from dcv2_jax.train_state import make_spec
 
@@ -164,3 +165,41 @@ def test_non_finite_embeddings_are_not_stored_in_the_bank():
   state, m, _ = comp.train(state, local_batch_to_global(random_batch(np.random.default_rng(5)), mesh))
   assert not np.isfinite(m["loss"])
   assert np.all(np.asarray(state.bank.index)[0] == -1)      # rows with NaN z are stored as empty
+
+
+def test_a_batch_with_bad_rows_equals_the_batch_without_them():
+  """Undecodable samples (index -1, zero crops) take no part: the BatchNorm statistics and the loss are those
+  of the same batch with those samples left out."""
+  c = tiny_config()
+  c.data.crops = ((16, 2, 0.2, 1.0),)
+  spec = make_spec(c, N, STEPS, num_devices=1, local_devices=1)
+  variables = jax.jit(lambda k: spec.model.init(k, [jnp.zeros((1, 1, 16, 16, 3))], train=True))(jax.random.key(0))
+  rng = np.random.default_rng(6)
+  crops = rng.integers(0, 256, (B, 2, 16, 16, 3), dtype=np.uint8)
+  index = np.arange(B, dtype=np.int32)
+  bad = np.zeros(B, bool)
+  bad[[2, 9, 10]] = True
+  index[bad], crops[bad] = -1, 0
+  table = jnp.asarray(rng.integers(0, 10, (3, N)), jnp.int32)
+  centroids = jnp.asarray(rng.normal(size=(3, 10, 16)), jnp.float32)
+  centroids /= jnp.linalg.norm(centroids, axis=-1, keepdims=True)
+
+  @jax.jit
+  def loss_and_stats(crops, index):
+    x = augment.augment_crops([crops], index, jnp.asarray(0), spec.augment_cfg, seed=spec.seed,
+                              out_dtype=spec.compute_dtype)
+    z, mutated = spec.model.apply(variables, x, train=True, mask=index >= 0, mutable=["batch_stats"])
+    targets = jnp.take(table, jnp.where(index >= 0, index, N), axis=1, mode="fill", fill_value=-100)
+    return dcv2_loss(jnp.swapaxes(z, 0, 1), centroids, targets, spec.temperature), mutated["batch_stats"]
+
+  with_bad = loss_and_stats(jnp.asarray(crops), jnp.asarray(index))
+  without = loss_and_stats(jnp.asarray(crops[~bad]), jnp.asarray(index[~bad]))
+  np.testing.assert_allclose(float(with_bad[0]), float(without[0]), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(with_bad[1]), jax.tree.leaves(without[1])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  # Without the mask, the zero rows would have shifted the statistics: the test can tell.
+  x = augment.augment_crops([jnp.asarray(crops)], jnp.asarray(index), jnp.asarray(0), spec.augment_cfg,
+                            seed=spec.seed, out_dtype=spec.compute_dtype)
+  _, unmasked = spec.model.apply(variables, x, train=True, mutable=["batch_stats"])
+  assert max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(
+      jax.tree.leaves(unmasked["batch_stats"]), jax.tree.leaves(without[1]))) > 1e-3

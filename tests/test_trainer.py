@@ -190,14 +190,16 @@ def test_two_processes_equal_one_process(tmp_path):
   np.testing.assert_allclose(ac, bc, rtol=1e-2, atol=1e-3)
 
 
-def test_sigterm_to_one_of_two_processes_saves_one_step_on_both(tmp_path):
+def test_sigterm_to_one_of_two_processes_saves_one_step_on_both_then_a_lost_process_is_named(tmp_path):
   """Multi-host preemption: SIGTERM reaches one process only; its flag travels through the next train step,
-  so both processes save the same step (a collective orbax save) and exit 143; the same command then
-  resumes both to the end (3 epochs: ample steps left after the signal)."""
+  so both processes save the same step (a collective orbax save) and exit 143. The same command resumes
+  both; then process 1 is SIGKILLed: process 0 stops within the peer timeout (10 s here) with our one line
+  (which process, the last checkpoint, how to resume), and the same command once more ends the run (3 epochs:
+  ample steps left after each fault)."""
   workdir = tmp_path / "two"
   port = portpicker.pick_unused_port()
   args = lambda i: cli_args(str(workdir), checkpoint_every_steps=1000, num_epochs=3) + [
-      f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
+      f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}", "--peer_timeout=10"]
   procs = [subprocess.Popen(args(i), env=env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
   metrics, deadline = workdir / "metrics.jsonl", time.time() + 300
@@ -209,6 +211,24 @@ def test_sigterm_to_one_of_two_processes_saves_one_step_on_both(tmp_path):
   saved = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
   assert saved[0] == 22 and 25 <= saved[-1] < 66, saved
   assert all(f"checkpoint of step {saved[-1]} is saved" in e for e in errs)
+
+  port = portpicker.pick_unused_port()
+  procs = [subprocess.Popen(args(i), env=env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  deadline = time.time() + 300
+  while logged_step(metrics) < saved[-1] + 5 and all(p.poll() is None for p in procs) and time.time() < deadline:
+    time.sleep(0.02)
+  procs[1].kill()
+  killed_at = time.time()
+  err0 = procs[0].communicate(timeout=120)[1]
+  procs[1].communicate(timeout=60)
+  assert procs[0].returncode not in (0, None) and time.time() - killed_at < 45, err0[-2000:]
+  last = err0.strip().splitlines()[-1]
+  assert last.startswith("error: lost process 1") and "run the same command to resume" in last, err0[-2000:]
+  assert f"resumed from step {saved[-1]}" in err0 and "Traceback" not in err0
+  saved = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+  assert f"The last checkpoint is step {saved[-1]} " in last
+
   port = portpicker.pick_unused_port()
   procs = [subprocess.Popen(args(i), env=env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
@@ -289,3 +309,88 @@ def test_partly_written_checkpoint_is_never_loaded(reference_run, tmp_path):
   ckpts.close()
   _, _, step = final_params(workdir)
   assert step == 44
+
+
+def test_damaged_newest_checkpoint_warns_once_then_resumes_from_the_previous_one(reference_run, tmp_path, caplog):
+  """The newest checkpoint's largest data file cut short (a copy that broke after the save): the same command
+  warns once, moves it aside, resumes from the checkpoint before it and ends where the uninterrupted run does."""
+  workdir = str(tmp_path / "damaged")
+  shutil.copytree(reference_run, workdir)
+  newest = os.path.join(workdir, "checkpoints", "44", "state")
+  largest = max((os.path.join(d, f) for d, _, fs in os.walk(newest) for f in fs), key=os.path.getsize)
+  with open(largest, "r+b") as f:
+    f.truncate(os.path.getsize(largest) // 2)
+  with caplog.at_level("WARNING"):
+    train_and_evaluate(small_config(), workdir)
+  warned = [r.getMessage() for r in caplog.records if "cannot be read back" in r.getMessage()]
+  assert len(warned) == 1 and "checkpoint 44" in warned[0]
+  assert os.path.isdir(os.path.join(workdir, "damaged_checkpoints", "44"))
+  assert any("resuming from checkpoint 40" in r.getMessage() for r in caplog.records)
+  assert_same_as_reference(workdir, reference_run)
+
+
+def test_a_full_disk_stops_the_run_with_one_line_and_keeps_the_checkpoints(tmp_path):
+  """Saving into a filesystem that fills up: exit != 0, the last stderr line names the directory, the cause,
+  the free space and the last complete checkpoint; no traceback on stderr (they are in train.log); the earlier
+  checkpoints are intact. A 12 MB tmpfs holds the run's first checkpoints (1.6 MB each) but not 20 of them."""
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(disk)], capture_output=True).returncode:
+    pytest.fail("this test needs to mount a small tmpfs (root, as on the CI machine)")
+  try:
+    workdir = str(disk / "run")
+    r = subprocess.run(cli_args(workdir), env=env(8), capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: saving checkpoint") and os.path.join(workdir, "checkpoints") in last
+    assert "No space left on device" in last and "free there" in last and "the last complete checkpoint is step" in last
+    assert "Traceback" not in r.stderr and "Event loop is closed" not in r.stderr
+    assert "checkpoints: each is about" in r.stderr                 # the warning before the first save
+    good = int(last.split("the last complete checkpoint is step ")[1].split(":")[0])
+    assert final_params(os.path.join(workdir, "checkpoints", str(good)))[2] == good
+  finally:
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_bad_input_to_train_is_one_line_without_a_traceback(tmp_path):
+  r = subprocess.run(cli_args(str(tmp_path)) + ["--config.loss.temperature=-1"], env=env(1), capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode != 0 and "Traceback" not in r.stderr
+  assert r.stderr.strip().splitlines()[-1].startswith("error: invalid configuration") and "loss.temperature=-1" in r.stderr
+
+
+def test_undecodable_files_are_counted_reported_once_and_too_many_stop_the_run(tmp_path, caplog):
+  """An image folder with 5% undecodable files: more than data.max_bad_fraction (1% by default) stops the run
+  after the memory bank's pass with the count and examples; allowed (10%), every epoch's metrics count the
+  skipped samples (the epoch's share of the bad files, exactly) and each file is reported once."""
+  from PIL import Image
+  from dcv2_jax.trainer import BadData
+  rng = np.random.default_rng(0)
+  root = tmp_path / "images"
+  for i in range(200):
+    folder = root / f"c{i % 4}"
+    folder.mkdir(parents=True, exist_ok=True)
+    if i % 20 == 7:
+      (folder / f"bad_{i:03d}.jpg").write_bytes(b"not a jpeg")
+    else:
+      Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(folder / f"{i:03d}.jpg")
+  data = {"data.source": "image_folder", "data.path": str(root), "data.eval_split": ""}
+  from dcv2_jax.data import Pipeline
+  pipeline = Pipeline(config_lib.resolve(small_config(**data), 8)[0], 0, 1)
+  bad = {i for i in range(len(pipeline.source)) if "bad_" in pipeline.source.describe(i)}
+  want = [len(bad & set(pipeline.loader.epoch_order(e)[:192].tolist())) for e in (0, 1)]
+  # The bank's pass reads epoch 0's samples: its count is epoch 0's.
+  with pytest.raises(BadData, match=rf"{want[0]} of 192 samples \({100 * want[0] / 192:.1f}%\) in the memory bank's "
+                                    r"initial pass could not be decoded, more than data.max_bad_fraction=0.01; for "
+                                    r"example .*bad_.*UnidentifiedImageError"):
+    train_and_evaluate(small_config(**data), str(tmp_path / "strict"))
+
+  workdir = str(tmp_path / "lenient")
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    train_and_evaluate(small_config(**data, **{"data.max_bad_fraction": 0.1}), workdir)
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  epochs = [r for r in records if "bad_samples" in r]
+  assert [r["bad_samples"] for r in epochs] == want and epochs[-1]["bad_samples_total"] == sum(want)
+  reports = [r.getMessage() for r in caplog.records if "skipping undecodable sample" in r.getMessage()]
+  assert len(reports) == len(set(reports)) == 10           # each file once, although every epoch skips it

@@ -15,6 +15,7 @@ batches, to the next `iterate(epoch + 1)`.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import threading
@@ -27,6 +28,8 @@ from absl import flags
 from dcv2_jax.data import sources, transforms
 
 log = logging.getLogger(__name__)
+BANK_PASS_CROPS = 2 ** 31 - 1    # the crop "epoch" of the memory bank's initial pass: no training epoch's
+_REASON_CHARS = 200      # of an undecodable file's error message, carried from the worker to the main process
 
 
 def crop_groups(crops) -> tuple[tuple[int, int, float, float], ...]:
@@ -55,6 +58,7 @@ class TrainBatchLoader:
     self.local_batch = local_batch
     self.process_index = process_index
     self.steps_per_epoch = steps_per_epoch
+    self.crop_epoch: int | None = None     # None: each epoch's own crops
     self._cache: dict[int, np.ndarray] = {}
     self._lock = threading.Lock()
 
@@ -84,28 +88,38 @@ class TrainBatchLoader:
         self._cache[epoch] = np.ascontiguousarray(order[:, p * l:(p + 1) * l])
       return self._cache[epoch]
 
+  def with_crop_epoch(self, crop_epoch: int) -> "TrainBatchLoader":
+    """The same batches (sample order), with the crops drawn as in epoch `crop_epoch`."""
+    other = copy.copy(self)
+    other.crop_epoch = crop_epoch
+    return other
+
   def __call__(self, batch_number: int) -> dict:
     epoch, step = divmod(int(batch_number), self.steps_per_epoch)
     indices = self.local_indices(epoch)[step]
+    crop_epoch = epoch if self.crop_epoch is None else self.crop_epoch
     n = self.local_batch
     crops = [np.zeros((n, count, size, size, 3), np.uint8) for size, count, _, _ in self.crops]
     index = np.full((n,), -1, np.int32)
     label = np.full((n,), -1, np.int32)
+    bad_index = np.full((n,), -1, np.int32)
+    bad_reason = np.full((n,), "", dtype=f"<U{_REASON_CHARS}")
     for row, i in enumerate(indices):
       i = int(i)
       try:
         example = self.source[i]
       except Exception as e:  # pylint: disable=broad-except  (PIL, I/O, tfds record errors alike)
-        # A bad file must never stop training: skip it, mark it (index -1, zero crops), say which file.
-        log.warning("skipping undecodable sample %s: %s: %s", self.source.describe(i), type(e).__name__, e)
+        # A bad file must never stop training: skip it and mark it (index -1, zero crops); the main process
+        # reports it once (Pipeline.bad_samples), not every epoch.
+        bad_index[row], bad_reason[row] = i, f"{type(e).__name__}: {e}"[:_REASON_CHARS]
         continue
       # Outside the try: a bug in cropping or augmentation must fail loudly, not pass as a bad file.
-      groups = self._sample_crops(example["image"], epoch, i)
+      groups = self._sample_crops(example["image"], crop_epoch, i)
       for dst, src in zip(crops, groups):
         dst[row] = src
       index[row] = i
       label[row] = example["label"]
-    return dict(crops=crops, index=index, label=label)
+    return dict(crops=crops, index=index, label=label, bad_index=bad_index, bad_reason=bad_reason)
 
   def _sample_crops(self, image: np.ndarray, epoch: int, index: int) -> list:
     rng = transforms.sample_rng(self.seed, epoch, index)
@@ -167,6 +181,7 @@ class EpochIterator:
     self._step += 1
     if self._step == steps:
       self._release()  # the workers are already busy with the next epoch: keep them for it
+    self._pipeline.note_bad(batch["bad_index"], batch["bad_reason"])
     return dict(crops=list(batch["crops"]), index=batch["index"], label=batch["label"])
 
   def _release(self):
@@ -220,9 +235,24 @@ class Pipeline:
         process_index=process_index, steps_per_epoch=self.steps_per_epoch)
     self._spare = None  # (grain iterator, its next global batch number, its stop) left by a finished epoch
     self._current: EpochIterator | None = None
+    self.bad_samples: dict[int, str] = {}    # dataset index -> why it did not decode (this process's share)
 
-  def iterate(self, epoch: int, start_step: int = 0) -> EpochIterator:
-    """The batches of `epoch` from `start_step`.
+  def note_bad(self, indices, reasons) -> None:
+    """Records a batch's undecodable samples; each new one is reported once per run, not every epoch."""
+    for i, reason in zip(indices, reasons):
+      i = int(i)
+      if i >= 0 and i not in self.bad_samples:
+        self.bad_samples[i] = str(reason)
+        log.warning("skipping undecodable sample %s (%s); reported once, skipped every epoch",
+                    self.source.describe(i), reason)
+
+  def bank_pass(self) -> "EpochIterator":
+    """The memory bank's initial pass: epoch 0's batches (so every sample epoch 0 trains on gets a target, as
+    in the reference), its crops drawn apart from every training epoch's."""
+    return self.iterate(0, crop_epoch=BANK_PASS_CROPS)
+
+  def iterate(self, epoch: int, start_step: int = 0, crop_epoch: int | None = None) -> EpochIterator:
+    """The batches of `epoch` from `start_step` (crop_epoch: draw the crops as in that epoch instead).
 
     Closes the previous iterator of this Pipeline if it is unfinished (using it afterwards raises).
     """
@@ -233,13 +263,15 @@ class Pipeline:
     if not 0 <= start_step <= self.steps_per_epoch:
       raise ValueError(f"start_step {start_step} not in [0, {self.steps_per_epoch}]")
     first = epoch * self.steps_per_epoch + start_step
-    if self._spare is not None and self._spare[1] == first:
+    if crop_epoch is None and self._spare is not None and self._spare[1] == first:
       it, _, stop = self._spare
       self._spare = None
     else:
       self._close_spare()
-      stop = max(self._num_epochs, epoch + 1) * self.steps_per_epoch
-      it = _grain_iterator(self.loader, first, stop, self._num_workers, self._threads, self._prefetch)
+      # Other crops: one epoch only, so that its iterator never serves a training epoch as the spare.
+      stop = (max(self._num_epochs, epoch + 1) if crop_epoch is None else epoch + 1) * self.steps_per_epoch
+      loader = self.loader if crop_epoch is None else self.loader.with_crop_epoch(crop_epoch)
+      it = _grain_iterator(loader, first, stop, self._num_workers, self._threads, self._prefetch)
     self._current = EpochIterator(self, epoch, start_step, it, stop)
     return self._current
 
