@@ -4,9 +4,10 @@
   python train.py --config=configs/dcv2_2crops.py --workdir=/runs/dcv2_2crops \
       --config.data.path=/data/tensorflow_datasets        # tfds data_dir holding imagenet2012 (ArrayRecord)
 
-Hardware: written for 64 GPUs (8 nodes x 8) at 64 per GPU; on fewer GPUs keep the global batch with
---config.batch_size or set --config.per_device_batch_size; the LR follows the linear rule
-(4.8 at 4096, i.e. 0.3 per 256) unless --config.optim.scale_lr_with_batch=False.
+Hardware: written for 64 GPUs (8 nodes x 8) at 64 per GPU; the same command runs on fewer: the global batch
+stays 4096 and BatchNorm keeps groups of 512 samples (model.sync_bn.samples) whatever the GPU count. With
+--config.per_device_batch_size the global batch changes and the LR follows the linear rule (4.8 at 4096,
+i.e. 0.3 per 256) unless --config.optim.scale_lr_with_batch=False.
 Precision: bfloat16 compute (the project default); the published SwAV-repo run was float32
 (--config.model.dtype=float32), VISSL's was AMP O1.
 Expected: ImageNet linear-eval top-1 about 70% (python -m dcv2_jax.linear_eval --workdir ...; the quick
@@ -25,5 +26,7 @@ def get_config():
   c.data.eval_split = "validation"
   c.data.crops = ((224, 2, 0.08, 1.0),)
   c.loss.crops_for_mb = (0, 1)
-  c.model.sync_bn.group_size = 8          # published: SyncBN in groups of 8 GPUs (0 = global)
+  # Published: SyncBN in groups of 8 GPUs x 64 samples. As samples, the same statistics on any GPU count
+  # (one group per GPU at 512 per GPU, 8 groups on one GPU holding the whole batch).
+  c.model.sync_bn.samples = 512
   return c

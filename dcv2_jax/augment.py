@@ -258,7 +258,7 @@ def apply_params(images, params: dict, cfg, out_dtype=jnp.bfloat16):
   probability in cfg is 0 is left out of the program (never drawn, so nothing changes but the cost: the
   linear evaluation's flip-only crops skip the jitter rounds and the blur matmuls).
   """
-  n, size = images.shape[0], images.shape[1]
+  size = images.shape[1]
   if images.shape[2] != size:
     raise ValueError(f"crops must be square, got {images.shape}")
   per_image = lambda v: jnp.asarray(v)[:, None, None]

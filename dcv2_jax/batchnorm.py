@@ -5,8 +5,11 @@ published runs synchronise BN in groups of 8 GPUs, so we need statistics per gro
 the one semantic difference from `flax.linen.BatchNorm` and the reason this module exists.
 
 How groups map to devices: the batch axis is sharded contiguously over the mesh's data axis, so device d
-holds rows [d*n, (d+1)*n). Reshaping the batch to [G, N/G, ...] therefore puts the rows of devices
-[g*k, (g+1)*k) in group g, and a mean over axis 1 is an all-reduce inside each group (XLA inserts it).
+holds rows [d*n, (d+1)*n), and the model's rows are sample-major (each sample's crops together). Reshaping
+the batch to [G, N/G, ...] therefore puts G groups of consecutive samples side by side: a group spans
+several devices (a mean over axis 1 is then an all-reduce inside each group, which XLA inserts) or a
+device holds several groups (`model.sync_bn.samples` fixes the samples per group whatever the device
+count, so a recipe's statistics do not change with the number of GPUs).
 
 PyTorch conventions kept for weight export: normalise with the biased batch variance, update the running
 variance with the unbiased one, eps 1e-5, momentum 0.9 in Flax terms (0.1 in PyTorch's).
@@ -89,8 +92,24 @@ class BatchNorm(nn.Module):
     return y.reshape(x.shape).astype(self.dtype)
 
 
-def num_groups(group_size: int, num_devices: int, local_devices: int) -> int:
-  """SyncBN group size in devices (VISSL's GROUP_SIZE: 0 global, -1 one host, k devices) -> number of
-  groups. config.validate has checked that the groups divide the devices."""
-  size = {0: num_devices, -1: local_devices}.get(group_size, group_size)
+def num_groups(sync_bn, global_batch: int, num_devices: int, local_devices: int) -> int:
+  """The number of BatchNorm groups of a (validated) `model.sync_bn`: groups of `samples` samples whatever
+  the devices (the batch is sample-major, so a group is `samples` consecutive samples, all their crops), or
+  else groups of `group_size` devices (VISSL's GROUP_SIZE: 0 global, -1 one host)."""
+  if sync_bn.samples > 0:
+    return global_batch // sync_bn.samples
+  size = {0: num_devices, -1: local_devices}.get(sync_bn.group_size, sync_bn.group_size)
   return num_devices // size
+
+
+def describe_groups(sync_bn, global_batch: int, num_devices: int, local_devices: int, crop_runs) -> str:
+  """The BatchNorm batch the run gets, for its log: groups, samples per group, and rows per group in the
+  trunk (per forward of equal-size crops, `crop_runs` = crops per sample of each) and in the head."""
+  groups = num_groups(sync_bn, global_batch, num_devices, local_devices)
+  samples = global_batch // groups
+  per_device = global_batch // num_devices
+  layout = (f"{samples // per_device} device(s) per group" if samples >= per_device
+            else f"{per_device // samples} groups per device")
+  trunk = " + ".join(f"{samples * n} ({n} crops x {samples})" for n in crop_runs)
+  return (f"BatchNorm statistics in {groups} group(s) of {samples} samples ({layout}, {per_device} samples per "
+          f"device): {trunk} rows per group in the trunk, {samples * sum(crop_runs)} in the head")

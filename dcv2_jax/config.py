@@ -63,12 +63,18 @@ def base_config() -> ml_collections.ConfigDict:
   m.head_dims = (2048, 128)      # projection head output dims; the last is the embedding dim
   m.head_bn = True               # BatchNorm after every hidden Linear (SwAV repo); False = VISSL yaml
   m.head_relu = True             # ReLU after every hidden Linear
+  m.groups = 1                   # ResNeXt: groups of the 3x3 convs (32 for ResNeXt-50 32x4d / 101 32x8d)
+  m.width_per_group = 64         # ResNeXt: channels per group at width 64 (4 for 32x4d, 8 for 32x8d)
+  m.stem = "imagenet"            # imagenet: 7x7/2 conv + max-pool | cifar: 3x3/1 conv, no max-pool (small images)
   m.head_input_dim = -1          # -1: the trunk's feature dim; else checked against it
   m.dtype = "bfloat16"           # compute dtype: float32 | bfloat16 | float16 (params stay float32)
+  m.matmul_precision = "default"  # float32 convs/matmuls: default (TF32 on GPU) | highest (true fp32, as V100s)
   m.bn_momentum = 0.9            # Flax convention (PyTorch momentum 0.1)
   m.bn_eps = 1e-5
   m.sync_bn = ml_collections.ConfigDict()
-  m.sync_bn.group_size = 0       # 0: global; -1: devices of one host; k: groups of k devices
+  m.sync_bn.samples = 0          # >0: BatchNorm statistics over groups of this many samples, on any device count
+                                 # (the recipes: 512 = 8 GPUs x 64, as published); 0: group_size decides
+  m.sync_bn.group_size = 0       # VISSL's GROUP_SIZE, in devices: 0 global; -1 devices of one host; k devices
 
   # --- DCv2 loss, memory bank and k-means ---
   c.loss = l = ml_collections.ConfigDict()
@@ -78,6 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
   l.crops_for_mb = (0, 1)
   l.kmeans_chunk = 65536         # bank rows per assignment chunk (memory: chunk x K floats)
   l.kmeans_dtype = "float32"     # matmul inputs of k-means: float32 (TF32 on GPU) | bfloat16 (faster)
+  l.kmeans_precision = "default"  # k-means scores in float32: default (TF32 on GPU) | highest (true fp32)
   l.kmeans_sums = "scatter"      # cluster sums: scatter (add rows) | onehot (one-hot matmul)
   l.kmeans_assign = "xla"        # nearest centroid: xla (matmul + argmax) | pallas (fused GPU kernel, no scores
                                  # in memory; interpreted, slowly, on CPU; falls back to xla without Triton)
@@ -117,6 +124,9 @@ CHOICES = {
     "augment.jitter_order": augment.JITTER_ORDERS,
     "model.depth": tuple(sorted(models.STAGES)),
     "model.dtype": tuple(models.DTYPES),
+    "model.matmul_precision": tuple(models.PRECISIONS),
+    "model.stem": models.STEMS,
+    "loss.kmeans_precision": tuple(models.PRECISIONS),
     "loss.kmeans_dtype": kmeans.DTYPES,
     "loss.kmeans_sums": kmeans.SUMS,
     "loss.kmeans_assign": kmeans.ASSIGN,
@@ -192,8 +202,8 @@ def validate(config, num_examples: int, steps_per_epoch: int, num_devices: int, 
     problems.append(f"loss.crops_for_mb={tuple(loss_cfg.crops_for_mb)}: crop numbers must lie in [0, {num_crops}) "
                     f"for data.crops={tuple(map(tuple, config.data.crops))}")
   ks = tuple(loss_cfg.num_clusters)
-  if not ks or len(set(ks)) != 1:
-    problems.append(f"loss.num_clusters={ks}: give one or more heads with the same number of clusters")
+  if not ks or any(int(k) < 1 for k in ks):
+    problems.append(f"loss.num_clusters={ks}: give one or more heads, each with one or more clusters")
   rows = steps_per_epoch * b
   if ks and max(ks) > rows:
     problems.append(f"loss.num_clusters={ks}: more clusters than memory-bank rows ({rows} = {steps_per_epoch} "
@@ -203,10 +213,20 @@ def validate(config, num_examples: int, steps_per_epoch: int, num_devices: int, 
     if m.head_input_dim not in (-1, trunk_dim):
       problems.append(f"model.head_input_dim={m.head_input_dim} does not match the trunk's feature dim {trunk_dim} "
                       f"(depth {m.depth}, width {m.width}); set it to -1 or {trunk_dim}")
+  if m.groups < 1 or m.width_per_group < 1:
+    problems.append(f"model.groups={m.groups}, model.width_per_group={m.width_per_group} must be >= 1")
+  elif (m.groups, m.width_per_group) != (1, 64) and models.STAGES.get(m.depth, ("basic",))[0] != "bottleneck":
+    problems.append(f"model.groups={m.groups} / width_per_group={m.width_per_group}: ResNeXt needs bottleneck blocks "
+                    "(model.depth 50, 101 or 152), as torchvision's")
   if not m.head_dims or any(d <= 0 for d in m.head_dims):
     problems.append(f"model.head_dims={tuple(m.head_dims)}: give positive layer widths, the last = embedding dim")
-  gs = m.sync_bn.group_size
-  if gs not in (0, -1) and (gs < 0 or num_devices % gs):
+  gs, samples = m.sync_bn.group_size, m.sync_bn.samples
+  if samples and gs:
+    problems.append(f"model.sync_bn.samples={samples} and group_size={gs}: set one (samples fixes the statistics "
+                    "batch on any device count; group_size counts devices, as VISSL)")
+  elif samples:
+    problems += _sample_group_problems(samples, b, num_devices)
+  elif gs not in (0, -1) and (gs < 0 or num_devices % gs):
     problems.append(f"model.sync_bn.group_size={gs}: use 0 (global), -1 (per host) or a divisor of the "
                     f"{num_devices} devices")
   if loss_cfg.temperature <= 0:
@@ -221,6 +241,24 @@ def validate(config, num_examples: int, steps_per_epoch: int, num_devices: int, 
       problems.append(f"{key}={config[key]} must be > 0")
   if problems:
     raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _sample_group_problems(samples: int, batch: int, num_devices: int) -> list[str]:
+  """BatchNorm groups of `samples` must tile the global batch and line up with the devices (a group spans
+  whole devices, or a device holds whole groups); else the nearest settings that do."""
+  if samples < 0 or batch <= 0 or batch % num_devices:
+    return [] if samples > 0 else [f"model.sync_bn.samples={samples} must be >= 0"]
+  per_device = batch // num_devices
+  fits = lambda s, p: (p * num_devices) % s == 0 and (s % p == 0 or p % s == 0)
+  if fits(samples, per_device):
+    return []
+  near_samples = sorted((s for s in range(1, batch + 1) if fits(s, per_device)), key=lambda s: abs(s - samples))[:2]
+  near_batch = sorted((p for p in range(1, 4 * max(samples, per_device) + 1) if fits(samples, p)),
+                      key=lambda p: abs(p - per_device))[:2]
+  return [f"model.sync_bn.samples={samples} cannot be met exactly with {per_device} samples on each of "
+          f"{num_devices} devices (global batch {batch}): groups must tile the batch and line up with the devices. "
+          f"Nearest: --config.model.sync_bn.samples={' or '.join(map(str, sorted(near_samples)))}, or "
+          f"--config.per_device_batch_size={' or '.join(map(str, sorted(near_batch)))}"]
 
 
 def normalization(config) -> tuple[tuple[float, ...], tuple[float, ...]]:

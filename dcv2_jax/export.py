@@ -23,7 +23,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from dcv2_jax import checkpoint, cli
-from dcv2_jax.torch_names import VISSL_PREFIX, flat_paths, flatten_state_dict, model_part, trunk_state_dict
+from dcv2_jax.torch_names import VISSL_PREFIX, flatten_state_dict, model_part, trunk_state_dict
 
 FORMATS = ("torchvision", "swav", "vissl")
 
@@ -53,14 +53,18 @@ def _head_state_dict(variables: Mapping, config, step: int) -> dict[str, np.ndar
   return sd
 
 
-def _prototypes(centroids) -> dict[str, np.ndarray]:
+def _prototypes(centroids, config) -> dict[str, np.ndarray]:
+  """The centroids of each head as nn.Linear(D, K_h, bias=False).weight [K_h, D] (row k is centroid k, so
+  logits = z @ W^T as in training); heads of fewer clusters than the largest lose their padding."""
   if centroids is None:
     return {}
   c = np.asarray(centroids, np.float32)
   if c.ndim != 3:
     raise ValueError(f"centroids must be [heads, K, D], got shape {c.shape}")
-  # nn.Linear(D, K, bias=False).weight is [K, D]: row k is centroid k, so logits = z @ W^T as in training.
-  return {f"prototypes{h}.weight": np.ascontiguousarray(c[h]) for h in range(c.shape[0])}
+  ks = [int(k) for k in config.loss.num_clusters]
+  if len(ks) != c.shape[0]:
+    ks = [c.shape[1]] * c.shape[0]
+  return {f"prototypes{h}.weight": np.ascontiguousarray(c[h, :ks[h]]) for h in range(c.shape[0])}
 
 
 def to_torchvision(variables: Mapping, config, step: int = 0) -> dict[str, np.ndarray]:
@@ -81,12 +85,24 @@ def to_torchvision(variables: Mapping, config, step: int = 0) -> dict[str, np.nd
   return trunk_state_dict(variables, step)
 
 
+def torchvision_model(model_cfg) -> str:
+  """The torchvision constructor the export loads into, plus what to change on it for the CIFAR stem."""
+  name = f"resnet{model_cfg.depth}"
+  if model_cfg.groups > 1:
+    name = f"resnext{model_cfg.depth}_{model_cfg.groups}x{model_cfg.width_per_group}d"
+  call = f"torchvision.models.{name}()"
+  if model_cfg.stem == "cifar":      # torchvision has no CIFAR stem: two modules to replace after construction
+    call += ("; then model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False); model.maxpool = "
+             "torch.nn.Identity() (the CIFAR stem), before load_state_dict")
+  return call
+
+
 def to_swav(variables: Mapping, centroids, config, step: int = 0) -> dict[str, np.ndarray]:
   """SwAV/DCv2-repo release layout: `module.` + trunk, projection head and prototypes (= centroids)."""
   sd = dict(trunk_state_dict(variables, step))
   if "head" in variables["params"]:
     sd.update({f"projection_head.{k}": v for k, v in _head_state_dict(variables, config, step).items()})
-  sd.update({f"prototypes.{k}": v for k, v in _prototypes(centroids).items()})
+  sd.update({f"prototypes.{k}": v for k, v in _prototypes(centroids, config).items()})
   return {f"module.{k}": v for k, v in sd.items()}
 
 
@@ -96,7 +112,7 @@ def to_vissl(variables: Mapping, centroids, config, step: int = 0) -> dict:
   heads = {}
   if "head" in variables["params"]:
     heads.update({f"0.projection_head.{k}": v for k, v in _head_state_dict(variables, config, step).items()})
-  heads.update({f"0.{k}": v for k, v in _prototypes(centroids).items()})
+  heads.update({f"0.{k}": v for k, v in _prototypes(centroids, config).items()})
   return {VISSL_PREFIX[0]: {VISSL_PREFIX[1]: {VISSL_PREFIX[2]: {"trunk": trunk, "heads": heads}}}}
 
 
@@ -118,8 +134,8 @@ def save_state_dict(sd: Mapping, path: str, metadata: Mapping[str, str] | None =
     raise ValueError(f"{path}: the output file must end in .safetensors or .pth")
 
 
-def export(workdir: str, fmt: str, out: str) -> dict:
-  """Newest checkpoint of `workdir` (or a checkpoint dir) -> `out` in format `fmt`; returns the dict."""
+def export(workdir: str, fmt: str, out: str):
+  """Newest checkpoint of `workdir` (or a checkpoint dir) -> `out` in format `fmt`; returns (config, state dict)."""
   config, variables, centroids, step = checkpoint.restore_model_variables(workdir)
   step = int(step or 0)
   if fmt == "torchvision":
@@ -131,8 +147,9 @@ def export(workdir: str, fmt: str, out: str) -> dict:
   else:
     raise ValueError(f"--format {fmt!r}: choose one of {FORMATS}")
   m = config.model
-  save_state_dict(sd, out, {"format": fmt, "depth": str(m.depth), "width": str(m.width), "step": str(step)})
-  return sd
+  save_state_dict(sd, out, {"format": fmt, "depth": str(m.depth), "width": str(m.width), "groups": str(m.groups),
+                            "width_per_group": str(m.width_per_group), "stem": str(m.stem), "step": str(step)})
+  return config, sd
 
 
 @cli.one_line_errors
@@ -142,8 +159,11 @@ def main(argv=None) -> None:
   parser.add_argument("--format", required=True, choices=FORMATS)
   parser.add_argument("--out", required=True, help="output file: .pth (needs torch) or .safetensors")
   args = parser.parse_args(argv)
-  sd = export(args.workdir, args.format, args.out)
+  config, sd = export(args.workdir, args.format, args.out)
   print(f"wrote {len(flatten_state_dict(sd))} tensors ({args.format}) to {args.out}")
+  if args.format == "torchvision":
+    print(f"load with: model = {torchvision_model(config.model)}; "
+          "model.load_state_dict(torch.load(FILE), strict=False)  # missing: fc.*")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from dcv2_jax import kmeans_kernel, memory_bank
 from dcv2_jax.loss import IGNORE
-from dcv2_jax.models import l2_normalize
+from dcv2_jax.models import PRECISIONS, l2_normalize
 
 # The choices of each KMeansSettings field (config.py validates the config against these).
 DTYPES = ("float32", "bfloat16")        # matmul inputs: float32 (TF32 on GPU by default) | bfloat16
@@ -53,7 +53,8 @@ class KMeansSettings:
   @classmethod
   def from_config(cls, loss_cfg) -> "KMeansSettings":
     return cls(chunk_size=int(loss_cfg.kmeans_chunk), empty_clusters=loss_cfg.empty_clusters,
-               dtype=loss_cfg.kmeans_dtype, sums=loss_cfg.kmeans_sums, assign=loss_cfg.kmeans_assign)
+               dtype=loss_cfg.kmeans_dtype, sums=loss_cfg.kmeans_sums, assign=loss_cfg.kmeans_assign,
+               precision=PRECISIONS[loss_cfg.kmeans_precision])
 
 
 def init_centroids(key, bank, num_clusters: int, valid=None):
@@ -69,20 +70,22 @@ def cluster_heads(key, bank: memory_bank.MemoryBank, num_clusters, num_iters: in
   """k-means for every head, one after the other (head h clusters bank h % banks).
 
   Returns (centroids [H, K, D], assignment table [H, num_examples] with -100 where a sample is not in the
-  bank, cluster sizes [H, K]).
+  bank, cluster sizes [H, K]). Heads may have different numbers of clusters (VISSL accepts them): K is the
+  largest, and head h's centroids and sizes beyond its own K_h are zero (loss.py masks those logits).
   """
   z, index = memory_bank.rows(bank)
   valid = index >= 0
+  k_max = max(num_clusters)
   centroids, assigns, sizes = [], [], []
   for h, k in enumerate(num_clusters):
     rows = z[h % z.shape[0]]
     ok = valid & jnp.all(jnp.isfinite(rows), axis=-1)     # defensive: a NaN row would poison every centroid
     init = init_centroids(jax.random.fold_in(key, h), rows, k, ok)
     c, a = lloyd(rows, init, num_iters, ok, settings, mesh=mesh)
-    centroids.append(c)
+    centroids.append(jnp.pad(c, ((0, k_max - k), (0, 0))))
     assigns.append(a)
-    # -100 -> index k, out of range, dropped (a negative index would wrap around instead).
-    sizes.append(jnp.zeros((k,), jnp.int32).at[jnp.where(a >= 0, a, k)].add(1, mode="drop"))
+    # -100 -> index k_max, out of range, dropped (a negative index would wrap around instead).
+    sizes.append(jnp.zeros((k_max,), jnp.int32).at[jnp.where(a >= 0, a, k_max)].add(1, mode="drop"))
   table = memory_bank.assignment_table(jnp.stack(assigns), index, num_examples)
   return jnp.stack(centroids), table, jnp.stack(sizes)
 

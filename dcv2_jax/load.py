@@ -13,7 +13,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from dcv2_jax import checkpoint
-from dcv2_jax.models import STAGES, ResNet, trunk_apply_fn
+from dcv2_jax.models import STAGES, ResNet, trunk_apply_fn, trunk_arch
 from dcv2_jax.torch_names import VISSL_PREFIX, flat_paths, flatten_state_dict, model_part, natural_key, trunk_name
 
 # Torch-side trunk keys we knowingly drop on import: the classifier and SwAV/VISSL head weights.
@@ -77,12 +77,22 @@ def _summary(title: str, keys: list[str], limit: int = 10) -> str:
 
 
 def from_torch_state_dict(sd: Mapping, depth: int | None = None):
-  """A torchvision / SwAV / VISSL ResNet state dict -> (depth, width, variables for models.ResNet).
+  """A torchvision / SwAV / VISSL ResNet or ResNeXt state dict -> (depth, width, variables for models.ResNet).
 
-  Depth comes from the block counts and block kind, width from the stem's channels (64 * width). A stem
-  that is not a multiple of 64 (small test models) is returned as width 1 and base width = stem channels:
-  the network only depends on their product, which `trunk_base_width` recovers from the variables.
-  Raises ValueError naming missing / unexpected / mis-shaped keys.
+  See `trunk_from_state_dict`, which also returns the rest of the architecture.
+  """
+  arch, variables = trunk_from_state_dict(sd, depth)
+  return arch["depth"], arch["width"], variables
+
+
+def trunk_from_state_dict(sd: Mapping, depth: int | None = None):
+  """A torchvision / SwAV / VISSL state dict -> (architecture: trunk_apply_fn's keyword arguments, variables).
+
+  Depth comes from the block counts and block kind, width from the stem's channels (64 * width), ResNeXt's
+  groups and width per group from the first bottleneck's 3x3 conv ([width, width / groups, 3, 3]), the
+  stem from conv1 (7x7: torchvision's; 3x3: the CIFAR stem). A stem that is not a multiple of 64 (small test
+  models) is returned as width 1 and base width = stem channels: the network only depends on their
+  product. Raises ValueError naming missing / unexpected / mis-shaped keys.
   """
   sd = _strip_prefixes(sd)
   if "conv1.weight" not in sd or np.ndim(sd["conv1.weight"]) != 4:
@@ -98,41 +108,44 @@ def from_torch_state_dict(sd: Mapping, depth: int | None = None):
     depth = found[0] if found else min(
         (d for d, (k, _) in STAGES.items() if k == kind),
         key=lambda d: sum(abs(a - b) for a, b in zip(STAGES[d][1], counts)))
-  stem = int(np.shape(sd["conv1.weight"])[0])
-  width, base_width = (stem // 64, 64) if stem % 64 == 0 else (1, stem)
-
-  shapes = jax.eval_shape(lambda: ResNet(depth, width, base_width).init(
-      jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3), jnp.float32), train=False))
+  channels, _, kernel, _ = np.shape(sd["conv1.weight"])
+  width, base_width = (channels // 64, 64) if channels % 64 == 0 else (1, channels)
+  groups, width_per_group = 1, 64
+  conv2 = np.shape(sd.get("layer1.0.conv2.weight", ()))
+  if kind == "bottleneck" and len(conv2) == 4 and conv2[1] != conv2[0]:
+    groups = conv2[0] // conv2[1]                 # grouped 3x3: [width, width / groups, 3, 3]
+    width_per_group = conv2[1] * 64 // channels
+  arch = dict(depth=depth, width=width, base_width=base_width, bn_eps=1e-5, groups=groups,
+              width_per_group=width_per_group, stem="cifar" if kernel == 3 else "imagenet")
+  net = ResNet(depth, width, base_width, groups=groups, width_per_group=width_per_group, stem=arch["stem"])
+  shapes = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3), jnp.float32), train=False))
   expected = {}
   for collection in ("params", "batch_stats"):
     for path, leaf in flat_paths(shapes[collection]).items():
       expected[trunk_name(collection, path)] = (collection, path, leaf.shape)
+  name = f"ResNet-{depth}" + (f" {groups}x{width_per_group}d" if groups > 1 else "")
   missing = sorted((k for k in expected if k not in sd), key=natural_key)
   unexpected = sorted((k for k in sd if k not in expected and not _IGNORED_ON_IMPORT.search(k)), key=natural_key)
   if missing or unexpected:
-    raise ValueError(f"State dict does not match a ResNet-{depth} (width {width}, {kind} blocks {counts}). "
+    raise ValueError(f"State dict does not match a {name} (width {width}, {kind} blocks {counts}). "
                      + "; ".join(_summary(t, ks) for t, ks in (("Missing", missing), ("Unexpected", unexpected))
                                  if ks))
   variables: dict = {"params": {}, "batch_stats": {}}
   bad = []
-  for name, (collection, path, shape) in expected.items():
-    value = np.asarray(sd[name], np.float32)
+  for key, (collection, path, shape) in expected.items():
+    value = np.asarray(sd[key], np.float32)
     if path[-1] == "kernel":               # OIHW -> HWIO
       value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value
     if value.shape != tuple(shape):
-      bad.append(f"{name} {tuple(value.shape)} != {tuple(shape)}")
+      bad.append(f"{key} {tuple(value.shape)} != {tuple(shape)}")
       continue
     node = variables[collection]
     for p in path[:-1]:
       node = node.setdefault(p, {})
     node[path[-1]] = jnp.asarray(value)
   if bad:
-    raise ValueError(f"Shape mismatch against ResNet-{depth} width {width}: " + _summary("Mismatched", bad))
-  return depth, width, variables
-
-
-def trunk_base_width(variables: Mapping, width: int) -> int:
-  return int(np.shape(variables["params"]["conv1"]["conv"]["kernel"])[-1]) // width
+    raise ValueError(f"Shape mismatch against {name} width {width}: " + _summary("Mismatched", bad))
+  return arch, variables
 
 
 def load_trunk(path: str):
@@ -145,9 +158,8 @@ def load_trunk(path: str):
   path = os.fspath(path)
   if os.path.isdir(path):
     config, variables, _, _ = checkpoint.restore_model_variables(path)
-    m = config.model
-    return trunk_apply_fn(m.depth, m.width, m.base_width, float(m.bn_eps)), model_part(variables, "trunk")
+    return trunk_apply_fn(**trunk_arch(config.model)), model_part(variables, "trunk")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: no such file or directory")
-  depth, width, variables = from_torch_state_dict(load_state_dict_file(path))
-  return trunk_apply_fn(depth, width, trunk_base_width(variables, width), 1e-5), variables
+  arch, variables = trunk_from_state_dict(load_state_dict_file(path))
+  return trunk_apply_fn(**arch), variables

@@ -20,14 +20,19 @@ def head_logits(z, centroids, temperature):
                     precision=jax.lax.Precision.HIGHEST) / temperature
 
 
-def dcv2_loss(z, centroids, targets, temperature, return_accuracy: bool = False):
+def dcv2_loss(z, centroids, targets, temperature, return_accuracy: bool = False, num_clusters=None):
   """Mean over heads of the mean cross-entropy over non-ignored (crop, sample) rows.
 
   z: [C, B, D] unit rows, crop-major. centroids: [H, K, D]. targets: [H, B] int, -100 = ignore.
-  Returns a scalar (0, with zero gradient, when every row is ignored); with return_accuracy also the
-  per-head fraction [H] of non-ignored rows whose argmax equals the target.
+  num_clusters: the clusters of each head when heads differ (centroids padded to the largest K): the padded
+  ones take no part in the softmax or the argmax. Returns a scalar (0, with zero gradient, when every row
+  is ignored); with return_accuracy also the per-head fraction [H] of non-ignored rows whose argmax equals
+  the target.
   """
   logits = head_logits(z, centroids, temperature)                      # [H,C,B,K]
+  if num_clusters is not None and min(num_clusters) < logits.shape[-1]:
+    real = jnp.arange(logits.shape[-1])[None, :] < jnp.asarray(num_clusters)[:, None]     # [H, K]
+    logits = jnp.where(real[:, None, None, :], logits, -jnp.inf)
   valid = targets != IGNORE                                            # [H,B]
   safe = jnp.where(valid, targets, 0)[:, None, :]                      # [H,1,B]
   logz = jax.nn.logsumexp(logits, axis=-1)                             # [H,C,B]

@@ -23,6 +23,12 @@ from dcv2_jax.batchnorm import BatchNorm
 STAGES = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),
           101: ("bottleneck", (3, 4, 23, 3)), 152: ("bottleneck", (3, 8, 36, 3))}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# model.matmul_precision (and loss.kmeans_precision): "default" lets the backend choose (TF32 for float32 on
+# NVIDIA GPUs since Ampere); "highest" is true float32, as the SwAV repo's V100 runs (V100s have no TF32).
+PRECISIONS = {"default": None, "highest": jax.lax.Precision.HIGHEST}
+# model.stem: "imagenet" = 7x7/2 conv + 3x3/2 max-pool (torchvision); "cifar" = 3x3/1 conv, no max-pool (the
+# CIFAR ResNet of solo-learn and the CIFAR literature, for 32-96 px images).
+STEMS = ("imagenet", "cifar")
 
 # torchvision: kaiming_normal_(mode='fan_out', nonlinearity='relu'), untruncated.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -37,43 +43,53 @@ def feature_dim(depth: int, width: int = 1, base_width: int = 64) -> int:
 
 
 class Conv(nn.Module):
-  """Bias-free convolution with torchvision's symmetric padding k // 2."""
+  """Bias-free convolution with torchvision's symmetric padding k // 2 (`groups` > 1: ResNeXt's grouped conv)."""
   features: int
   kernel: int
   stride: int = 1
   dtype: Any = jnp.float32
+  groups: int = 1
+  precision: Any = None
 
   @nn.compact
   def __call__(self, x):
     p = self.kernel // 2
     return nn.Conv(self.features, (self.kernel, self.kernel), (self.stride, self.stride),
-                   padding=((p, p), (p, p)), use_bias=False, dtype=self.dtype,
-                   param_dtype=jnp.float32, kernel_init=conv_init, name="conv")(x)
+                   padding=((p, p), (p, p)), use_bias=False, dtype=self.dtype, feature_group_count=self.groups,
+                   param_dtype=jnp.float32, kernel_init=conv_init, precision=self.precision, name="conv")(x)
 
 
 class Block(nn.Module):
-  """BasicBlock (two 3x3) or Bottleneck (1x1, 3x3 with the stride: ResNet v1.5, 1x1 x4)."""
+  """BasicBlock (two 3x3) or Bottleneck (1x1, 3x3 with the stride: ResNet v1.5, 1x1 x4).
+
+  Bottleneck width as torchvision's: int(planes * width_per_group / 64) * groups, the 3x3 conv in `groups`
+  groups (ResNeXt-50 32x4d: groups 32, width_per_group 4; plain ResNets: 1 and 64).
+  """
   planes: int
   stride: int
   bottleneck: bool
   downsample: bool
   norm: Any
   dtype: Any
+  groups: int = 1
+  width_per_group: int = 64
+  precision: Any = None
 
   @nn.compact
   def __call__(self, x, mask=None):
     if self.bottleneck:
-      convs = ((self.planes, 1, 1), (self.planes, 3, self.stride), (self.planes * 4, 1, 1))
+      width = int(self.planes * self.width_per_group / 64) * self.groups
+      convs = ((width, 1, 1, 1), (width, 3, self.stride, self.groups), (self.planes * 4, 1, 1, 1))
     else:
-      convs = ((self.planes, 3, self.stride), (self.planes, 3, 1))
+      convs = ((self.planes, 3, self.stride, 1), (self.planes, 3, 1, 1))
     y = x
-    for i, (features, kernel, stride) in enumerate(convs, start=1):
-      y = Conv(features, kernel, stride, self.dtype, name=f"conv{i}")(y)
+    for i, (features, kernel, stride, groups) in enumerate(convs, start=1):
+      y = Conv(features, kernel, stride, self.dtype, groups, self.precision, name=f"conv{i}")(y)
       y = self.norm(name=f"bn{i}")(y, mask)
       if i < len(convs):
         y = nn.relu(y)
     if self.downsample:
-      x = Conv(convs[-1][0], 1, self.stride, self.dtype, name="downsample_conv")(x)
+      x = Conv(convs[-1][0], 1, self.stride, self.dtype, precision=self.precision, name="downsample_conv")(x)
       x = self.norm(name="downsample_bn")(x, mask)
     return nn.relu(y + x)
 
@@ -90,6 +106,10 @@ class ResNet(nn.Module):
   bn_groups: int = 1
   bn_momentum: float = 0.9
   bn_eps: float = 1e-5
+  groups: int = 1
+  width_per_group: int = 64
+  stem: str = "imagenet"
+  precision: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool, mask=None):
@@ -97,18 +117,22 @@ class ResNet(nn.Module):
     bottleneck = kind == "bottleneck"
     norm = lambda name: BatchNorm(not train, self.bn_groups, self.bn_momentum, self.bn_eps, self.dtype,
                                   name=name)
-    stem = self.base_width * self.width
-    x = Conv(stem, 7, 2, self.dtype, name="conv1")(x.astype(self.dtype))
-    x = nn.relu(norm("bn1")(x, mask))
-    x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
-    in_ch = stem
+    channels = self.base_width * self.width
+    if self.stem == "cifar":
+      x = Conv(channels, 3, 1, self.dtype, precision=self.precision, name="conv1")(x.astype(self.dtype))
+      x = nn.relu(norm("bn1")(x, mask))
+    else:
+      x = Conv(channels, 7, 2, self.dtype, precision=self.precision, name="conv1")(x.astype(self.dtype))
+      x = nn.relu(norm("bn1")(x, mask))
+      x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    in_ch = channels
     for stage, n in enumerate(blocks):
-      planes = stem * 2 ** stage
+      planes = channels * 2 ** stage
       out_ch = planes * (4 if bottleneck else 1)
       for i in range(n):
         stride = 2 if (stage > 0 and i == 0) else 1
-        x = Block(planes, stride, bottleneck, i == 0 and (stride != 1 or in_ch != out_ch), norm,
-                  self.dtype, name=f"layer{stage + 1}_{i}")(x, mask)
+        x = Block(planes, stride, bottleneck, i == 0 and (stride != 1 or in_ch != out_ch), norm, self.dtype,
+                  self.groups, self.width_per_group, self.precision, name=f"layer{stage + 1}_{i}")(x, mask)
         in_ch = out_ch
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
@@ -130,11 +154,12 @@ class ProjectionHead(nn.Module):
   bn_groups: int = 1
   bn_momentum: float = 0.9
   bn_eps: float = 1e-5
+  precision: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool, mask=None):
     for i, d in enumerate(self.dims):
-      x = nn.Dense(d, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=linear_init,
+      x = nn.Dense(d, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=linear_init, precision=self.precision,
                    bias_init=_torch_linear_bias_init(x.shape[-1]), name=f"linear{i}")(x)
       if i < len(self.dims) - 1:
         if self.use_bn:
@@ -168,11 +193,17 @@ class DCv2Model(nn.Module):
   bn_groups: int = 1
   bn_momentum: float = 0.9
   bn_eps: float = 1e-5
+  groups: int = 1
+  width_per_group: int = 64
+  stem: str = "imagenet"
+  precision: Any = None
 
   def setup(self):
     bn = dict(bn_groups=self.bn_groups, bn_momentum=self.bn_momentum, bn_eps=self.bn_eps)
-    self.trunk = ResNet(self.depth, self.width, self.base_width, self.dtype, **bn)
-    self.head = ProjectionHead(tuple(self.head_dims), self.head_bn, self.head_relu, self.dtype, **bn)
+    self.trunk = ResNet(self.depth, self.width, self.base_width, self.dtype, groups=self.groups,
+                        width_per_group=self.width_per_group, stem=self.stem, precision=self.precision, **bn)
+    self.head = ProjectionHead(tuple(self.head_dims), self.head_bn, self.head_relu, self.dtype,
+                               precision=self.precision, **bn)
 
   def __call__(self, crops, train: bool = True, mask=None):
     rows = lambda n: None if mask is None else jnp.repeat(mask, n)      # sample-major: each sample's n rows
@@ -187,28 +218,44 @@ class DCv2Model(nn.Module):
     return l2_normalize(z).reshape(b, c, -1)
 
 
-def _equal_size_runs(crops):
+def _equal_size_runs(crops, size=lambda x: x.shape[2:]):
+  """Consecutive crop groups of equal size: each run is one pass through the trunk."""
   runs = []
   for x in crops:
-    if runs and runs[-1][0].shape[2:] == x.shape[2:]:
+    if runs and size(runs[-1][0]) == size(x):
       runs[-1].append(x)
     else:
       runs.append([x])
   return runs
 
 
+def crops_per_trunk_pass(crops) -> list[int]:
+  """Crops per sample in each trunk pass of `data.crops` (2x160+4x96 -> [2, 4]; 2x224 + 2x224 -> [4])."""
+  return [sum(int(g[1]) for g in run) for run in _equal_size_runs(list(crops), size=lambda g: int(g[0]))]
+
+
 def dcv2_model(config, bn_groups: int) -> DCv2Model:
   """The DCv2Model of a (validated) config, BatchNorm statistics in `bn_groups` groups."""
   m = config.model
   return DCv2Model(m.depth, m.width, m.base_width, tuple(m.head_dims), m.head_bn, m.head_relu,
-                   DTYPES[m.dtype], bn_groups, m.bn_momentum, m.bn_eps)
+                   DTYPES[m.dtype], bn_groups, m.bn_momentum, m.bn_eps, m.groups, m.width_per_group, m.stem,
+                   PRECISIONS[m.matmul_precision])
+
+
+def trunk_arch(model_cfg) -> dict:
+  """What defines the trunk's network (not its training): the keyword arguments of trunk_apply_fn."""
+  return dict(depth=int(model_cfg.depth), width=int(model_cfg.width), base_width=int(model_cfg.base_width),
+              bn_eps=float(model_cfg.bn_eps), groups=int(model_cfg.groups),
+              width_per_group=int(model_cfg.width_per_group), stem=str(model_cfg.stem))
 
 
 @functools.lru_cache(maxsize=None)
-def trunk_apply_fn(depth: int, width: int, base_width: int, bn_eps: float = 1e-5):
+def trunk_apply_fn(depth: int, width: int = 1, base_width: int = 64, bn_eps: float = 1e-5, groups: int = 1,
+                   width_per_group: int = 64, stem: str = "imagenet"):
   """jit(apply) of the trunk in eval mode (running BN statistics), float32: the evaluation forward.
 
   Cached, so every caller with the same architecture shares one jitted (and compiled) function.
   """
-  trunk = ResNet(depth, width, base_width, jnp.float32, bn_eps=bn_eps)
+  trunk = ResNet(depth, width, base_width, jnp.float32, bn_eps=bn_eps, groups=groups,
+                 width_per_group=width_per_group, stem=stem)
   return jax.jit(lambda variables, images: trunk.apply(variables, images, train=False))

@@ -29,7 +29,7 @@ class TrainState:
   opt_state: Any
   loss_scale: precision.LossScale
   bank: MemoryBank
-  centroids: jax.Array      # [H, K, D] from last k-means; not parameters (no gradient into them)
+  centroids: jax.Array      # [H, K, D] from last k-means (K the largest head's); not parameters
   table: jax.Array          # [H, num_examples] int32 targets by dataset index, -100 = absent
 
 
@@ -70,7 +70,7 @@ def make_spec(config, num_examples: int, steps_per_epoch: int, num_devices: int 
   (default: all devices), local_devices of them on this process."""
   num_devices = jax.device_count() if num_devices is None else num_devices
   local_devices = jax.local_device_count() if local_devices is None else local_devices
-  bn_groups = batchnorm.num_groups(config.model.sync_bn.group_size, num_devices, local_devices)
+  bn_groups = batchnorm.num_groups(config.model.sync_bn, config.batch_size, num_devices, local_devices)
   tx, schedule = optim.make_optimizer(config, steps_per_epoch)
   loss_cfg = config.loss
   return StepSpec(
@@ -90,7 +90,7 @@ def init_state(spec: StepSpec, key) -> TrainState:
   dummy = [jnp.zeros((spec.model.bn_groups, 1, size, size, 3), jnp.float32)]
   variables = spec.model.init(key, dummy, train=True)
   params = variables["params"]
-  k = spec.num_clusters[0]
+  k = max(spec.num_clusters)          # heads of fewer clusters are padded (kmeans.cluster_heads)
   return TrainState(
       step=jnp.zeros([], jnp.int32), params=params, batch_stats=variables["batch_stats"],
       opt_state=spec.tx.init(params),

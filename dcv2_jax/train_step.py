@@ -51,7 +51,7 @@ def train_step(spec: StepSpec, state: TrainState, batch):
     z, mutated = spec.model.apply({"params": params, "batch_stats": state.batch_stats}, crops, train=True,
                                   mask=index >= 0, mutable=["batch_stats"])
     loss, acc = dcv2_loss(jnp.swapaxes(z, 0, 1), state.centroids, targets, spec.temperature,
-                          return_accuracy=True)
+                          return_accuracy=True, num_clusters=spec.num_clusters)
     return loss * state.loss_scale.scale, (loss, acc, z, mutated["batch_stats"])
 
   grads, (loss, acc, z, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)

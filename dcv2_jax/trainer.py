@@ -26,7 +26,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from dcv2_jax import assignments, checkpoint, cluster_metrics, data, evaluation, models
+from dcv2_jax import assignments, batchnorm, checkpoint, cluster_metrics, data, evaluation, models
 from dcv2_jax import config as config_lib
 from dcv2_jax.epoch_steps import EpochSteps, jit_epoch_steps
 from dcv2_jax.metric_writer import MetricWriter, Progress, format_eta, to_python
@@ -118,6 +118,8 @@ def start_run(config, workdir: str, devices=None) -> Run:
 
   # --------------------------------------------------------------------- model and jitted steps
   spec = make_spec(config, num_examples, steps_per_epoch, num_devices, local_devices)
+  logging.info("model: %s", batchnorm.describe_groups(config.model.sync_bn, config.batch_size, num_devices,
+                                                      local_devices, models.crops_per_trunk_pass(config.data.crops)))
   return Run(config=config, workdir=workdir, mesh=mesh, spec=spec, steps=jit_epoch_steps(spec, mesh),
              pipeline=pipeline, checkpoints=checkpoint.Checkpoints(workdir, config.keep_checkpoints),
              writer=MetricWriter(workdir, enabled=is_main), preemption=PreemptionNotice(),
@@ -350,8 +352,7 @@ def final_evaluation(run: Run, state: TrainState) -> dict:
   protocol the evaluate command picks for this data; also the network at initialisation when
   eval_random_init (the baseline the learned features should beat)."""
   config = run.config
-  m = config.model
-  apply_fn = models.trunk_apply_fn(m.depth, m.width, m.base_width, float(m.bn_eps))
+  apply_fn = models.trunk_apply_fn(**models.trunk_arch(config.model))
   mean, std = config_lib.normalization(config)
   protocol = evaluation.protocol_for(config.data)
   networks = {"learned": trunk_variables(state)}

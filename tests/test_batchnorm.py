@@ -10,10 +10,16 @@ from dcv2_jax.batchnorm import BatchNorm, num_groups
 from dcv2_jax.sharding import make_mesh
 
 
+def sync_bn(group_size=0, samples=0):
+  c = config_lib.base_config().model.sync_bn
+  c.group_size, c.samples = group_size, samples
+  return c
+
+
 @pytest.mark.parametrize("group_size", [0, 2, 4])
 def test_group_statistics_on_8_devices(group_size):
   mesh = make_mesh()
-  groups = num_groups(group_size, 8, 8)
+  groups = num_groups(sync_bn(group_size=group_size), 32, 8, 8)
   rng = np.random.default_rng(group_size)
   # Per-device offsets make the groups' statistics differ a lot.
   x = (rng.normal(size=(32, 3, 3, 5)) * 2 + np.repeat(np.arange(8), 4)[:, None, None, None]).astype(np.float32)
@@ -56,7 +62,8 @@ def test_bad_group_size_message():
   c.model.sync_bn.group_size = 3
   with pytest.raises(ValueError, match="group_size=3"):
     config_lib.validate(c, 10000, 2, num_devices=8, num_processes=1)
-  assert num_groups(-1, 16, 8) == 2 and num_groups(0, 16, 8) == 1 and num_groups(4, 16, 8) == 4
+  assert (num_groups(sync_bn(group_size=-1), 64, 16, 8), num_groups(sync_bn(group_size=0), 64, 16, 8),
+          num_groups(sync_bn(group_size=4), 64, 16, 8)) == (2, 1, 4)
 
 
 @pytest.mark.torch
@@ -119,3 +126,33 @@ def test_masked_rows_take_no_part_in_the_statistics(groups):
   _, upd = bn.apply(variables, jnp.asarray(x), jnp.zeros(16, bool), mutable=["batch_stats"])
   np.testing.assert_array_equal(np.asarray(upd["batch_stats"]["mean"]), np.zeros(4))
   np.testing.assert_array_equal(np.asarray(upd["batch_stats"]["var"]), np.ones(4))
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("per_device", [4, 8, 16])
+def test_groups_of_samples_on_8_devices_match_torch(per_device):
+  """model.sync_bn.samples=8 on 8 devices holding 4, 8 or 16 samples each (2 crops per sample, rows
+  sample-major as the model makes them): groups span 2 devices, fill one, or split one in two; output and
+  running statistics equal torch's BatchNorm (float64) over each group's rows."""
+  import torch
+  mesh = make_mesh()
+  batch = 8 * per_device
+  groups = num_groups(sync_bn(samples=8), batch, 8, 8)
+  assert groups == batch // 8
+  rng = np.random.default_rng(per_device)
+  rows = 2 * batch
+  x = (rng.normal(size=(rows, 3, 3, 5)) * 3 + np.repeat(np.arange(rows) % 7, 1)[:, None, None, None]).astype(np.float32)
+  xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+  bn = BatchNorm(use_running_average=False, num_groups=groups, momentum=0.9)
+  variables = bn.init(jax.random.key(0), xs)
+  y, upd = jax.jit(lambda v, x: bn.apply(v, x, mutable=["batch_stats"]))(variables, xs)
+  want_y, means, var = [], [], []
+  for g in range(groups):
+    ref = torch.nn.BatchNorm2d(5, momentum=0.1, dtype=torch.float64).train()
+    part = torch.from_numpy(x[g * 16:(g + 1) * 16].astype(np.float64)).permute(0, 3, 1, 2)   # 8 samples x 2 crops
+    want_y.append(ref(part).permute(0, 2, 3, 1).detach().numpy())
+    means.append(ref.running_mean.numpy())
+    var.append(ref.running_var.numpy())
+  np.testing.assert_allclose(np.asarray(y), np.concatenate(want_y), atol=2e-5)
+  np.testing.assert_allclose(np.asarray(upd["batch_stats"]["mean"]), np.mean(means, 0), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(upd["batch_stats"]["var"]), np.mean(var, 0), rtol=1e-5)

@@ -56,9 +56,9 @@ def test_bad_kmeans_choices_all_reported():
 
 
 def test_sync_bn_groups_larger_than_the_devices_become_one_group():
-  """The recipes' SyncBN groups of 8 on 1, 2 or 4 devices: the same command runs, over all devices."""
+  """VISSL's SyncBN groups of 8 GPUs (group_size) on 1, 2 or 4 devices: the same command runs, over all devices."""
   c = importlib.import_module("configs.dcv2_2crops").get_config()
-  assert c.model.sync_bn.group_size == 8
+  c.model.sync_bn.samples, c.model.sync_bn.group_size = 0, 8
   resolved, notes = config_lib.resolve(c, num_devices=4)
   assert resolved.model.sync_bn.group_size == 0 and any("group_size=8 > 4" in n for n in notes)
   resolved, notes = config_lib.resolve(c, num_devices=16)
@@ -66,3 +66,31 @@ def test_sync_bn_groups_larger_than_the_devices_become_one_group():
   c.model.sync_bn.group_size = 8
   with pytest.raises(config_lib.ConfigError, match="group_size=8"):
     config_lib.validate(config_lib.resolve(c, 12)[0], 1_281_167, 100, num_devices=12, num_processes=1)
+
+
+@pytest.mark.parametrize("name", ["dcv2_2crops", "dcv2_2x160_4x96", "dcv2_2x224_6x96"])
+@pytest.mark.parametrize("gpus,processes", [(64, 8), (16, 2), (8, 1), (1, 1)])
+def test_recipes_keep_512_samples_per_batchnorm_group_on_any_gpu_count(name, gpus, processes):
+  """The published statistics batch (8 GPUs x 64 = 512 samples per SyncBN group) on 64, 16, 8 or 1 GPU(s),
+  global batch 4096 kept: 8 groups of 512 whether a group spans 8 GPUs, 2, one, or 8 groups share one GPU."""
+  from dcv2_jax import batchnorm
+  c = importlib.import_module(f"configs.{name}").get_config()
+  assert (c.model.sync_bn.samples, c.model.sync_bn.group_size) == (512, 0)
+  resolved, _ = config_lib.resolve(c, gpus)
+  config_lib.validate(resolved, 1_281_167, 1_281_167 // 4096, num_devices=gpus, num_processes=processes)
+  assert batchnorm.num_groups(resolved.model.sync_bn, resolved.batch_size, gpus, gpus // processes) == 8
+
+
+def test_sample_groups_that_do_not_line_up_with_the_devices_are_refused_with_the_nearest_settings():
+  c = config_lib.base_config()
+  c.model.sync_bn.samples = 512
+  c.per_device_batch_size = 48                       # 8 x 48 = 384: no whole group of 512
+  resolved, _ = config_lib.resolve(c, 8)
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(resolved, 100000, 100000 // 384, num_devices=8, num_processes=1)
+  msg = str(e.value)
+  assert "model.sync_bn.samples=512 cannot be met exactly with 48 samples on each of 8 devices" in msg
+  assert "Nearest: --config.model.sync_bn.samples=192 or 384, or --config.per_device_batch_size=64 or 128" in msg
+  c.model.sync_bn.group_size = 8
+  with pytest.raises(config_lib.ConfigError, match="set one"):
+    config_lib.validate(config_lib.resolve(c, 8)[0], 100000, 100, num_devices=8, num_processes=1)

@@ -350,3 +350,26 @@ def test_export_and_load_trunk_from_a_real_checkpoint(rn18, photos, tmp_path):
   for path in (workdir, os.path.join(workdir, "checkpoints", "42"), out):
     apply_fn, loaded = dcv2_jax.load_trunk(path)
     np.testing.assert_allclose(np.asarray(apply_fn(loaded, photos)), want, rtol=1e-5, atol=1e-5)
+
+
+def test_resnext50_32x4d_exports_to_torchvision_and_loads_back(photos, tmp_path):
+  """model.groups=32, width_per_group=4: the file loads into torchvision.models.resnext50_32x4d() (only fc
+  missing) with our features, and load_trunk reads torchvision's own ResNeXt file back."""
+  model = ResNet(50, groups=32, width_per_group=4)
+  v = numpy_init(model, jnp.zeros((1, 32, 32, 3)))
+  v = with_trained_bn(model, v, (4, 64, 64, 3))
+  config = config_for(50)
+  config.model.groups, config.model.width_per_group = 32, 4
+  sd = E.to_torchvision(v, config)
+  assert sd["layer1.0.conv2.weight"].shape == (128, 4, 3, 3)      # 32 groups of 4 channels
+  assert E.torchvision_model(config.model) == "torchvision.models.resnext50_32x4d()"
+  path = str(tmp_path / "rx50.pth")
+  E.save_state_dict(sd, path)
+  tv = load_into_torchvision("resnext50_32x4d", torch.load(path))
+  ours = np.asarray(model.apply(v, photos, train=False))
+  assert_close(ours, torchvision_features(tv, photos), 1e-4)
+  torch.save(tv.state_dict(), path)                               # torchvision's own file, fc included
+  apply_fn, loaded = dcv2_jax.load_trunk(path)
+  assert_close(np.asarray(apply_fn(loaded, photos)), ours, 1e-4)
+  arch, _ = load.trunk_from_state_dict(tv.state_dict())
+  assert (arch["depth"], arch["groups"], arch["width_per_group"], arch["stem"]) == (50, 32, 4, "imagenet")

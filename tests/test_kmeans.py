@@ -230,3 +230,30 @@ def test_pallas_falls_back_to_xla_where_the_kernel_cannot_run(monkeypatch, caplo
   np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), atol=1e-6)
   warnings = [r for r in caplog.records if "no Pallas Triton backend" in r.getMessage()]
   assert len(warnings) == 1 and "loss.kmeans_assign=xla" in warnings[0].getMessage()
+
+
+def test_heads_of_unequal_clusters_pad_centroids_and_sizes():
+  rng = np.random.default_rng(13)
+  steps, b, d = 4, 16, 8
+  bank = memory_bank.create(2, steps, b, d)
+  for s in range(steps):
+    bank = memory_bank.write(bank, s, jnp.asarray(np.stack([blobs(rng, b, d, 5)] * 2)), jnp.arange(s * b, (s + 1) * b))
+  ks = (7, 4, 2)
+  cents, table, sizes = kmeans.cluster_heads(jax.random.key(0), bank, ks, 3, 64, KMeansSettings(chunk_size=16))
+  t, sizes, cents = np.asarray(table), np.asarray(sizes), np.asarray(cents)
+  assert cents.shape == (3, 7, d) and sizes.shape == (3, 7)
+  for h, k in enumerate(ks):
+    assert t[h].max() < k and t[h].min() >= 0                   # never a padded cluster
+    np.testing.assert_array_equal(sizes[h], np.bincount(t[h], minlength=7))
+    assert np.all(cents[h, k:] == 0) and np.allclose(np.linalg.norm(cents[h, :k], axis=1), 1, atol=1e-5)
+
+
+def test_matmul_precision_reaches_every_score_of_kmeans():
+  """loss.kmeans_precision=highest: every dot of Lloyd's assignment and sums carries HIGHEST (true float32 on
+  GPUs, which otherwise use TF32); default leaves the choice to the backend."""
+  bank = jnp.asarray(blobs(np.random.default_rng(14), 64, 8, 3))
+  text = lambda p: kmeans.lloyd.lower(bank, bank[:3], 2, None, KMeansSettings(precision=p, sums="onehot")).as_text()
+  highest = text(jax.lax.Precision.HIGHEST)
+  assert highest.count("dot_general") >= 2
+  assert highest.count("dot_general") == highest.count("precision = [HIGHEST, HIGHEST]")
+  assert "HIGHEST" not in text(None)

@@ -72,3 +72,27 @@ def test_accuracy():
   _, acc = dcv2_loss(jnp.asarray(z), jnp.asarray(c), jnp.asarray(t), 0.1, return_accuracy=True)
   expect = (5 + (pred[1, 1:] == pred[0, 1:]).sum()) / 10
   np.testing.assert_allclose(float(acc[0]), expect, rtol=1e-6)
+
+
+def test_heads_of_unequal_clusters_match_a_float64_reference_per_head():
+  """num_clusters=(11, 6, 3) in centroids padded to 11: each head's loss is its own K's softmax, and no padded
+  cluster wins the argmax even where its (padding) centroid scores highest."""
+  rng = np.random.default_rng(3)
+  C, B, D, ks = 2, 9, 16, (11, 6, 3)
+  z = unit(rng.normal(size=(C, B, D))).astype(np.float32)
+  c = np.zeros((3, 11, D), np.float32)
+  for h, k in enumerate(ks):
+    c[h, :k] = unit(rng.normal(size=(k, D)))
+  c[1, 6:] = z[0].mean(0) * 10          # padding that would outscore every real cluster if it were not masked
+  t = np.stack([rng.integers(0, k, size=B) for k in ks])
+  t[2, :2] = -100
+  want = np.mean([reference(z, c[h:h + 1, :k], t[h:h + 1], 0.1) for h, k in enumerate(ks)])
+  got, acc = dcv2_loss(jnp.asarray(z), jnp.asarray(c), jnp.asarray(t), 0.1, return_accuracy=True, num_clusters=ks)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  for h, k in enumerate(ks):
+    scores = np.einsum("cbd,kd->cbk", z, c[h, :k])
+    ok = t[h] != -100
+    want_acc = (scores.argmax(-1) == t[h])[:, ok].mean()
+    assert float(acc[h]) == pytest.approx(want_acc)
+  grad = jax.grad(lambda z: dcv2_loss(z, jnp.asarray(c), jnp.asarray(t), 0.1, num_clusters=ks))(jnp.asarray(z))
+  assert np.all(np.isfinite(np.asarray(grad)))

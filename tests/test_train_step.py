@@ -203,3 +203,21 @@ def test_a_batch_with_bad_rows_equals_the_batch_without_them():
   _, unmasked = spec.model.apply(variables, x, train=True, mutable=["batch_stats"])
   assert max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(
       jax.tree.leaves(unmasked["batch_stats"]), jax.tree.leaves(without[1]))) > 1e-3
+
+
+@pytest.mark.parametrize("precision", ["default", "highest"])
+def test_model_matmul_precision_reaches_every_conv_and_dense(precision):
+  """model.matmul_precision=highest (the SwAV repo's true-float32 V100 runs): every convolution and matmul of
+  trunk and head carries HIGHEST, so GPUs do not silently use TF32."""
+  c = tiny_config()
+  c.model.matmul_precision = precision
+  c.model.groups, c.model.width_per_group, c.model.depth = 1, 64, 18
+  spec = make_spec(c, N, STEPS, num_devices=1, local_devices=1)
+  x = [jnp.zeros((2, 1, 16, 16, 3))]
+  variables = jax.eval_shape(lambda: spec.model.init(jax.random.key(0), x, train=True))
+  text = jax.jit(lambda v, x: spec.model.apply(v, x, train=False)).lower(variables, x).as_text()
+  ops = text.count("stablehlo.convolution") + text.count("stablehlo.dot_general")
+  assert ops >= 21                                 # 20 convs of ResNet-18 + the head's Linear layers
+  marked = text.count("precision = [HIGHEST, HIGHEST]") + text.count(
+      "precision_config = [#stablehlo<precision HIGHEST>, #stablehlo<precision HIGHEST>]")
+  assert marked == (ops if precision == "highest" else 0)
