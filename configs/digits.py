@@ -40,4 +40,7 @@ def get_config():
   c.checkpoint_every_steps = 100
   c.eval_at_end = True
   c.eval_random_init = True
+  c.eval_every_epochs = 10        # a kNN curve in metrics.jsonl / TensorBoard while it trains
+  c.eval_max_samples = 0          # all of both splits: the digits are small
+  c.log_cluster_images = 8        # clusters/epoch_XXXX.png: 8 clusters x the 8 digits nearest their centroids
   return c

@@ -14,12 +14,13 @@ import numpy as np
 FOLDER = "assignments"
 
 
-def save(workdir: str, epoch: int, table, keep: int) -> str:
-  """Writes epoch's table atomically (a temporary file, then a rename); keeps the newest `keep` (0 = all)."""
+def save(workdir: str, epoch: int, table, keep: int, **extra) -> str:
+  """Writes epoch's table atomically (a temporary file, then a rename); keeps the newest `keep` (0 = all).
+  extra: more arrays for the file (cluster_images' `clusters` and `nearest` members)."""
   folder = os.path.join(workdir, FOLDER)
   os.makedirs(folder, exist_ok=True)
   path = os.path.join(folder, f"epoch_{epoch:04d}.npz")
-  np.savez_compressed(path + ".tmp.npz", assignments=table, index=np.arange(table.shape[1], dtype=np.int32))
+  np.savez_compressed(path + ".tmp.npz", assignments=table, index=np.arange(table.shape[1], dtype=np.int32), **extra)
   os.replace(path + ".tmp.npz", path)
   if keep > 0:
     for old in sorted(f for f in os.listdir(folder) if f.startswith("epoch_"))[:-keep]:
@@ -38,3 +39,9 @@ def load(path: str) -> tuple[np.ndarray, np.ndarray]:
     table = np.asarray(f["assignments"])
     index = np.asarray(f["index"]) if "index" in f else np.arange(table.shape[-1])
   return (table[None] if table.ndim == 1 else table), index
+
+
+def load_nearest(path: str):
+  """(clusters [C], nearest members [C, M]) saved with a table (log_cluster_images), or None."""
+  with np.load(path) as f:
+    return (np.asarray(f["clusters"]), np.asarray(f["nearest"])) if "nearest" in f else None

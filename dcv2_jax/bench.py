@@ -7,6 +7,8 @@
   python -m dcv2_jax.bench assign      # one nearest-centroid pass: XLA vs the fused kernel's block configs
   python -m dcv2_jax.bench pipeline    # input pipeline samples/s per CPU core (dcv2_jax.data.benchmark)
   python -m dcv2_jax.bench all         # the GPU check: the cases above that matter most, most important first
+  python -m dcv2_jax.bench recipe --config configs/cifar10.py   # a recipe's train step: its FLOPs, an H100
+                                       # estimate of its run time from them, and (--steps N) its time here
   python -m dcv2_jax.bench step --quick   # tiny sizes (CPU smoke test)
 
 Everything runs on synthetic data already on the device (uint8 crops for the DCv2 step), so the figures
@@ -28,6 +30,7 @@ import numpy as np
 import optax
 
 from dcv2_jax import augment, cli, kmeans, kmeans_kernel, memory_bank
+from dcv2_jax import config as config_lib
 from dcv2_jax.config import base_config
 from dcv2_jax.data import benchmark as data_benchmark
 from dcv2_jax.epoch_steps import jit_epoch_steps
@@ -249,6 +252,58 @@ def bench_assign(n: int, dim: int, k: int, dtype: str, configs, steps: int) -> l
   return out
 
 
+# An H100's achieved rate on a ResNet train step, for estimates from FLOPs: perf.md's plain Flax ResNet-50
+# (bf16, batch 256 @224) ran 5,653 img/s, and XLA counts 23.75 GFLOP per image of that step (Lowered.
+# cost_analysis, the same counter applied to the recipe's step), so about 134 TFLOP/s. Smaller images and
+# networks use the GPU less well: an estimate from it is a lower bound on the time.
+H100_ANCHOR_IMG_PER_S = 5653
+XLA_GFLOP_PER_IMAGE_RN50 = 23.75
+# Training-set sizes of the datasets the recipes name (the estimate needs steps per epoch before any data is read).
+DATASET_SIZES = {"imagenet2012": 1_281_167, "imagenet100": 126_689, "cifar10": 50_000, "cifar100": 50_000,
+                 "stl10": 5_000, "digits": 1_438}
+
+
+def bench_recipe(config_path: str, num_examples: int, steps: int, warmup: int) -> dict:
+  """A recipe's DCv2 train step at its own model, crops and global batch, on synthetic data: the FLOPs XLA counts,
+  the H100 time they would take at the anchor's rate, and (steps > 0) the time it takes on this machine."""
+  config, _ = config_lib.resolve(config_lib.load_file(config_path), jax.device_count())
+  if num_examples <= 0:
+    num_examples = DATASET_SIZES.get(config.data.name if config.data.source != "digits" else "digits", 0)
+  if num_examples <= 0:
+    raise cli.UsageError(f"--num_examples: the size of {config.data.name!r} is not known here; give it")
+  spe = num_examples // config.batch_size
+  config_lib.validate(config, num_examples, spe, jax.device_count(), jax.process_count())
+  spec = make_spec(config, num_examples=num_examples, steps_per_epoch=spe)
+  steps_ = jit_epoch_steps(spec, make_mesh())
+  state = jax.eval_shape(steps_.init, jax.random.key(0))
+  batch = {"crops": [jax.ShapeDtypeStruct((config.batch_size, int(n), int(s), int(s), 3), jnp.uint8)
+                     for s, n, *_ in config.data.crops],
+           "index": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32),
+           "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}
+  flops = float(steps_.train.lower(state, batch).cost_analysis()["flops"])
+  rate = H100_ANCHOR_IMG_PER_S * XLA_GFLOP_PER_IMAGE_RN50 * 1e9
+  step_s = flops / rate
+  record = {"config": config_path, "epochs": config.num_epochs, "batch": config.batch_size,
+            "crops": "+".join(f"{int(n)}x{int(s)}" for s, n, *_ in config.data.crops),
+            "model": f"resnet{config.model.depth}" + ("-cifar" if config.model.stem == "cifar" else ""),
+            "num_examples": num_examples, "steps_per_epoch": spe, "train_gflop_per_step": round(flops / 1e9, 1),
+            "h100_estimate_step_ms": round(step_s * 1e3, 2), "h100_estimate_epoch_s": round(step_s * spe, 1),
+            "h100_estimate_run_h": round(step_s * spe * config.num_epochs / 3600, 2),
+            "estimate_basis": "FLOPs at the plain Flax ResNet-50 anchor's 134 TFLOP/s (perf.md): a lower bound"}
+  if steps > 0:
+    rng = np.random.default_rng(0)
+    local = config.batch_size // jax.process_count()
+    data = {"crops": [rng.integers(0, 256, (local, int(n), int(s), int(s), 3), dtype=np.uint8)
+                      for s, n, *_ in config.data.crops],
+            "index": np.arange(local, dtype=np.int32), "label": np.zeros(local, np.int32)}
+    train = lambda s, b: (lambda new, *out: (new, out))(*steps_.train(s, b))
+    compile_s, ms = _time(train, steps_.init(jax.random.key(0)), (local_batch_to_global(data, make_mesh()),),
+                          steps, warmup)
+    record.update(step_ms=round(ms, 2), compile_s=round(compile_s, 1),
+                  run_h_here=round(ms / 1e3 * spe * config.num_epochs / 3600, 1))
+  return record
+
+
 _BASELINES: dict = {}   # supervised-step results of this process, by their arguments
 
 
@@ -306,7 +361,9 @@ def _check_inputs(args) -> None:
 def main(argv=None) -> list[dict]:
   ap = argparse.ArgumentParser(prog="python -m dcv2_jax.bench", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("what", choices=("step", "kmeans", "augment", "assign", "pipeline", "all"))
+  ap.add_argument("what", choices=("step", "kmeans", "augment", "assign", "pipeline", "recipe", "all"))
+  ap.add_argument("--config", help="recipe: the config file (configs/*.py, optionally file.py:arg)")
+  ap.add_argument("--num_examples", type=int, default=0, help="recipe: training samples (default: known sizes)")
   ap.add_argument("--quick", action="store_true", help="tiny sizes: a CPU smoke run")
   ap.add_argument("--crops", default=",".join(CROPS), help=f"step: comma-separated of {', '.join(CROPS)}")
   ap.add_argument("--batch", type=int, default=128, help="step: samples per step (DCv2)")
@@ -338,6 +395,11 @@ def main(argv=None) -> list[dict]:
   if rest:
     ap.error(f"unknown arguments {rest}")
   orders = [o for o in args.jitter_orders.split(",") if o]
+  if args.what == "recipe":
+    if not args.config:
+      raise cli.UsageError("recipe: give --config")
+    steps = args.steps if "--steps" in (argv if argv is not None else sys.argv[1:]) else 0
+    return [_emit({"bench": "recipe", **bench_recipe(args.config, args.num_examples, steps, args.warmup)})]
   if args.what == "step":
     depth, width, scale = (18, 8, 1 / 7) if args.quick else (50, 64, 1.0)
     batch, base_batch = (8, 8) if args.quick else (args.batch, args.baseline_batch)

@@ -31,7 +31,7 @@ def run_config(args) -> ml_collections.ConfigDict:
       raise FileNotFoundError(f"{args.workdir} has no config.json: is it a training workdir? (or give --config)")
   cfg = config_lib.base_config() if path is None else config_lib.load_file(path)
   for key in DATA_OVERRIDES:
-    if getattr(args, f"data_{key}") is not None:
+    if getattr(args, f"data_{key}", None) is not None:
       cfg.data[key] = getattr(args, f"data_{key}")
   return cfg
 

@@ -15,7 +15,7 @@ import json
 import ml_collections
 
 from dcv2_jax import augment, kmeans, models, optim
-from dcv2_jax.data import sources
+from dcv2_jax.data import sources, transforms
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -39,6 +39,10 @@ def base_config() -> ml_collections.ConfigDict:
   d.image_size_digits = 32       # digits demo: 8x8 images are upscaled to this size first
   d.threads_per_worker = 1       # threads building batches in each worker (or in-process if num_workers=0)
   d.max_bad_fraction = 0.01      # undecodable files are skipped; a run with a larger share of them stops
+  d.eval_image_size = 0          # evaluation resolution; 0 = auto: 224 (Resize 256 + centre crop) when the
+                                 # largest training crop is >= 160 px, else that crop's size (whole image)
+  d.eval_resize = "auto"         # center_crop (Resize S*256/224, CentreCrop S) | whole (the image resized to
+                                 # S x S, as CIFAR evaluations do) | auto (center_crop at 224, else whole)
 
   # --- augmentation (spec: applied independently per crop) ---
   c.augment = a = ml_collections.ConfigDict()
@@ -104,6 +108,7 @@ def base_config() -> ml_collections.ConfigDict:
   o.trust_coefficient = 0.001
   o.clip = False
   o.eps = 1e-8
+  o.exclude_bias_and_norm = False  # larc: leave 1-d tensors (biases, BN) out of trust ratio and decay (solo-learn)
   o.loss_scale = 2.0 ** 15       # fp16 only: initial dynamic loss scale
   o.loss_scale_period = 2000     # fp16 only: finite steps before the scale doubles
 
@@ -114,6 +119,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_assignments = 10        # per-epoch assignment tables kept in <workdir>/assignments (0 = all)
   c.eval_at_end = False          # kNN + linear probe on data.eval_split after training
   c.eval_random_init = False     # also evaluate the network at initialisation, for comparison
+  c.eval_every_epochs = 0        # >0: a weighted kNN on the eval split every N epochs (knn_top1 in the metrics)
+  c.eval_max_samples = 10000     # the live kNN's fixed subsets of the train and eval splits (0 = all)
+  c.log_cluster_images = 0       # >0: per epoch, this many clusters x their images nearest the centroid
   return c
 
 
@@ -127,6 +135,7 @@ CHOICES = {
     "model.matmul_precision": tuple(models.PRECISIONS),
     "model.stem": models.STEMS,
     "loss.kmeans_precision": tuple(models.PRECISIONS),
+    "data.eval_resize": ("auto",) + transforms.EVAL_VIEWS,
     "loss.kmeans_dtype": kmeans.DTYPES,
     "loss.kmeans_sums": kmeans.SUMS,
     "loss.kmeans_assign": kmeans.ASSIGN,
@@ -155,6 +164,10 @@ def resolve(config, num_devices: int) -> tuple[ml_collections.ConfigDict, list[s
     config.model.sync_bn.group_size = 0
     notes.append(f"model.sync_bn.group_size={gs} > {num_devices} device(s): BatchNorm statistics over all "
                  f"{num_devices} (one group)")
+  size, view = eval_view(config.data)
+  if (config.data.eval_image_size, config.data.eval_resize) != (size, view):
+    notes.append(f"evaluation at {size} px ({view}): data.eval_image_size={size}, data.eval_resize={view}")
+    config.data.eval_image_size, config.data.eval_resize = size, view
   o = config.optim
   if o.scale_lr_with_batch and config.batch_size != o.lr_reference_batch:
     f = config.batch_size / o.lr_reference_batch
@@ -259,6 +272,18 @@ def _sample_group_problems(samples: int, batch: int, num_devices: int) -> list[s
           f"{num_devices} devices (global batch {batch}): groups must tile the batch and line up with the devices. "
           f"Nearest: --config.model.sync_bn.samples={' or '.join(map(str, sorted(near_samples)))}, or "
           f"--config.per_device_batch_size={' or '.join(map(str, sorted(near_batch)))}"]
+
+
+def eval_view(data_cfg) -> tuple[int, str]:
+  """(size, view) evaluation sees images at: data.eval_image_size and data.eval_resize, each "auto" (0) resolved
+  from the training crops. Training crops of ImageNet size (the largest >= 160 px): the published protocol,
+  Resize 256 + CentreCrop 224. Smaller (CIFAR, STL-10, the digits): the largest crop's size, the whole image
+  resized to it (a 224/256 centre crop keeps only 87.5% of a small image's side)."""
+  largest = max((int(c[0]) for c in data_cfg.crops), default=224)
+  imagenet_sized = largest >= 160
+  size = int(data_cfg.eval_image_size) or (224 if imagenet_sized else largest)
+  view = data_cfg.eval_resize if data_cfg.eval_resize != "auto" else ("center_crop" if imagenet_sized else "whole")
+  return size, view
 
 
 def normalization(config) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -38,6 +38,7 @@ class EpochSteps:
   bank_init: Callable     # (state, batch, slot) -> state
   kmeans: Callable        # (state, key) -> (state, cluster sizes [H, K])
   train: Callable         # (state, batch) -> (state, metrics, StepControl)
+  member_scores: Callable  # state -> (index, cluster, score) of every bank row in head 0 (cluster pictures)
   state_sharding: TrainState
 
 
@@ -53,4 +54,6 @@ def jit_epoch_steps(spec: StepSpec, mesh) -> EpochSteps:
                      donate_argnums=0),
       train=jax.jit(functools.partial(train_step, spec), in_shardings=(ss, data), out_shardings=(ss, rep, rep),
                     donate_argnums=0),
+      member_scores=jax.jit(lambda s: kmeans.member_scores(s.bank, s.centroids, s.table), in_shardings=(ss,),
+                            out_shardings=rep),
       state_sharding=ss)

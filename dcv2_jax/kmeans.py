@@ -233,3 +233,15 @@ def lloyd(bank, centroids, num_iters: int, valid=None, settings: KMeansSettings 
   # [M, P, c] -> [P, M*c] -> drop per-shard padding -> [N]
   labels = jnp.moveaxis(labels, 0, 1).reshape(shards, -1)[:, :local].reshape(n)
   return centroids, labels
+
+
+def member_scores(bank: memory_bank.MemoryBank, centroids, table, head: int = 0):
+  """(dataset index [N], cluster [N], score [N]) of every bank row in `head`: how close each sample is to its
+  own centroid (cluster -100 and score -inf for empty slots). For cluster_images: the nearest members."""
+  z, index = memory_bank.rows(bank)
+  rows = z[head % z.shape[0]]
+  present = index >= 0
+  assignment = jnp.where(present, jnp.take(table[head], jnp.where(present, index, 0)), IGNORE)
+  own = jnp.take(centroids[head], jnp.maximum(assignment, 0), axis=0)
+  score = jnp.where(assignment >= 0, jnp.sum(rows * own, axis=-1), -jnp.inf)
+  return index, assignment, score

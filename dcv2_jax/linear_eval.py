@@ -53,8 +53,8 @@ def main(argv=None) -> dict:
   for key in _PROTOCOL_FLAGS:
     if getattr(args, key) is not None:
       protocol[key] = getattr(args, key)
-  if args.crop_size is None:
-    protocol.crop_size = evaluation.eval_image_size(run_cfg.data)   # e.g. the demo's images are smaller than 224
+  if args.crop_size is None:     # the evaluation size of the run's data: e.g. 32 px for CIFAR, 224 for ImageNet
+    protocol.crop_size = config_lib.eval_view(run_cfg.data)[0]
   apply_fn, variables = load.load_trunk(weights)
   mean, std = config_lib.normalization(run_cfg)
   record = evaluation.train_linear(apply_fn, variables, run_cfg.data, out, protocol, mean=mean, std=std,

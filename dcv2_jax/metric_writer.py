@@ -15,14 +15,19 @@ from absl import logging
 from tensorboardX import SummaryWriter
 
 
+def to_numpy(tree):
+  """Replicated jax arrays in a pytree -> numpy arrays, copied from the devices in one batch (this process's
+  first shard: works on every process of a multi-host run)."""
+  return jax.device_get(jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, tree))
+
+
 def to_python(tree):
   """Replicated jax arrays and numpy values in a pytree -> JSON-ready Python numbers (lists for vectors).
 
   Every array is copied from its device in one batch (jax.device_get); replicated arrays are read from
   this process's first shard, so this works on every process of a multi-host run.
   """
-  local = jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, tree)
-  return jax.tree.map(_python_leaf, jax.device_get(local))
+  return jax.tree.map(_python_leaf, to_numpy(tree))
 
 
 def _python_leaf(x):
@@ -60,6 +65,14 @@ class MetricWriter:
             self._tb.add_scalar(key, value, step)
     except OSError as e:
       self._failed(e)
+
+  def image(self, tag: str, image, step: int) -> None:
+    """A uint8 [H, W, 3] picture to TensorBoard's image tab."""
+    if self.enabled and self._tb is not None:
+      try:
+        self._tb.add_image(tag, image, step, dataformats="HWC")
+      except OSError as e:
+        self._failed(e)
 
   def _failed(self, error: OSError) -> None:
     logging.warning("metrics: writing %s failed (%s); no more metrics are written by this process",

@@ -39,11 +39,14 @@ class LarcState(NamedTuple):
 
 
 def apex_larc(weight_decay: float, trust_coefficient: float = 0.001, eps: float = 1e-8, clip: bool = False,
-              learning_rate: optax.ScalarOrSchedule | None = None) -> optax.GradientTransformation:
+              learning_rate: optax.ScalarOrSchedule | None = None,
+              exclude_bias_and_norm: bool = False) -> optax.GradientTransformation:
   """apex LARC's gradient rescaling, per parameter tensor (weight decay folded in, as apex does).
 
   If |p| > 0 and |g| > 0:  g <- (g + wd p) * tc |p| / (|g| + wd |p| + eps)   [clip: ratio <= 1 after / lr]
   else: g unchanged (and no weight decay). Momentum and the LR come after this, in the chain.
+  exclude_bias_and_norm: 1-d tensors (biases, BatchNorm scales and shifts) get g unchanged, no weight decay
+  (solo-learn's LARS, exclude_bias_n_norm; the DCv2 references apply LARC to every tensor).
   """
   if clip and learning_rate is None:
     raise ValueError("LARC clip=True needs the learning rate (apex divides the trust ratio by it)")
@@ -58,6 +61,8 @@ def apex_larc(weight_decay: float, trust_coefficient: float = 0.001, eps: float 
       lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
 
     def one(g, p):
+      if exclude_bias_and_norm and p.ndim == 1:
+        return g
       g32, p32 = g.astype(jnp.float32), p.astype(jnp.float32)
       p_norm, g_norm = jnp.linalg.norm(p32), jnp.linalg.norm(g32)
       ratio = trust_coefficient * p_norm / (g_norm + weight_decay * p_norm + eps)
@@ -76,7 +81,7 @@ def make_optimizer(config, steps_per_epoch: int):
   o = config.optim
   schedule = lr_schedule(config, steps_per_epoch)
   if o.name == "larc":
-    tx = optax.chain(apex_larc(o.weight_decay, o.trust_coefficient, o.eps, o.clip, schedule),
+    tx = optax.chain(apex_larc(o.weight_decay, o.trust_coefficient, o.eps, o.clip, schedule, o.exclude_bias_and_norm),
                      optax.trace(decay=o.momentum, nesterov=False),
                      optax.scale_by_learning_rate(schedule))
   elif o.name == "lars":

@@ -26,13 +26,20 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from dcv2_jax import assignments, batchnorm, checkpoint, cluster_metrics, data, evaluation, models
+from dcv2_jax import assignments, batchnorm, checkpoint, cluster_images, cluster_metrics, data, evaluation, models
 from dcv2_jax import config as config_lib
 from dcv2_jax.epoch_steps import EpochSteps, jit_epoch_steps
-from dcv2_jax.metric_writer import MetricWriter, Progress, format_eta, to_python
+from dcv2_jax.metric_writer import MetricWriter, Progress, format_eta, to_numpy, to_python
 from dcv2_jax.preemption import PreemptionNotice
 from dcv2_jax.sharding import make_mesh
 from dcv2_jax.train_state import StepSpec, TrainState, make_spec, trunk_variables
+
+
+# Diagnostics for small data: warn when more than this share of a head's clusters is empty after k-means, and
+# when a whole epoch's loss sits within 1% of ln K (every cluster equally likely: the features carry no
+# information about the clusters, a collapse).
+EMPTY_CLUSTERS_WARNING = 0.2
+COLLAPSE_MARGIN = 0.01
 
 
 class NonFiniteLoss(RuntimeError):
@@ -107,9 +114,14 @@ def start_run(config, workdir: str, devices=None) -> Run:
   num_examples = len(source)
   steps_per_epoch = num_examples // config.batch_size if config.batch_size > 0 else 0
   config_lib.validate(config, num_examples, steps_per_epoch, num_devices, jax.process_count())
+  check_eval_split(config)
   pipeline = data.Pipeline(config, source=source)
   logging.info("data: %d samples, global batch %d, %d steps/epoch, %d epochs (%d steps)", num_examples,
                config.batch_size, steps_per_epoch, config.num_epochs, config.num_epochs * steps_per_epoch)
+  if max(config.loss.num_clusters) > num_examples / 10:
+    logging.warning("loss.num_clusters=%s: more than a tenth of the %d samples (clusters of under 10 samples "
+                    "each, many will be empty); see docs/small_data.md on choosing K",
+                    tuple(config.loss.num_clusters), num_examples)
   is_main = jax.process_index() == 0
   if is_main:
     os.makedirs(workdir, exist_ok=True)
@@ -124,6 +136,21 @@ def start_run(config, workdir: str, devices=None) -> Run:
              pipeline=pipeline, checkpoints=checkpoint.Checkpoints(workdir, config.keep_checkpoints),
              writer=MetricWriter(workdir, enabled=is_main), preemption=PreemptionNotice(),
              root_key=jax.random.key(config.seed), labels=source.labels())
+
+
+def check_eval_split(config) -> None:
+  """An evaluation asked for (eval_at_end, eval_every_epochs) needs a labelled eval split with samples: found
+  missing now, not after the last epoch."""
+  data_cfg = config.data
+  if not data_cfg.eval_split or not (config.eval_at_end or config.eval_every_epochs):
+    return
+  try:
+    size = len(data.make_source(data_cfg, data_cfg.eval_split))
+  except (OSError, ValueError) as e:
+    raise config_lib.ConfigError(f"the evaluation split data.eval_split={data_cfg.eval_split!r} cannot be read: "
+                                 f"{e} (or set --config.data.eval_split='' to train without evaluation)") from None
+  if size == 0:
+    raise config_lib.ConfigError(f"the evaluation split data.eval_split={data_cfg.eval_split!r} is empty")
 
 
 def train_and_evaluate(config, workdir: str, devices=None) -> dict:
@@ -218,13 +245,39 @@ def check_bad_data(run: Run, bad: int, samples: int, when: str) -> None:
 
 def train_epochs(run: Run, state: TrainState) -> TrainState:
   step = int(to_python(state.step))
-  previous = np.asarray(state.table.addressable_data(0)) if step else None
+  previous = to_numpy(state.table) if step else None
   while step < run.total_steps:
     epoch, step_in_epoch = divmod(step, run.steps_per_epoch)
     if step_in_epoch == 0:          # resumed mid-epoch: that epoch's centroids are in the state
       state, previous = cluster(run, state, epoch, previous)
     state, step = train_epoch(run, state, epoch, step_in_epoch)
+    every = run.config.eval_every_epochs
+    if every and run.config.data.eval_split and ((epoch + 1) % every == 0 or step >= run.total_steps):
+      live_knn(run, state, epoch, step)
   return state
+
+
+def live_knn(run: Run, state: TrainState, epoch: int, step: int) -> float:
+  """eval_every_epochs: the weighted kNN top-1 of the trunk's features (eval view, eval_max_samples of each
+  split), logged as knn_top1, so a run shows whether its features improve long before it ends."""
+  config = run.config
+  t0 = time.time()
+  size, view = config_lib.eval_view(config.data)
+  mean, std = config_lib.normalization(config)
+  apply_fn = models.trunk_apply_fn(**models.trunk_arch(config.model))
+  variables = trunk_variables(state)
+  feats = [evaluation.extract_split(apply_fn, variables, config.data, split, image_size=size, view=view, mean=mean,
+                                    std=std, max_samples=config.eval_max_samples, mesh=run.mesh, progress=False)
+           for split in (config.data.split, config.data.eval_split)]
+  protocol = evaluation.protocol_for(config.data)
+  (train_x, train_y, _), (test_x, test_y, _) = feats
+  classes = int(max(train_y.max(), test_y.max())) + 1
+  top1 = evaluation.knn_accuracy(train_x, train_y, test_x, test_y, classes, k=protocol.knn_k,
+                                 temperature=protocol.knn_temperature, mesh=run.mesh)
+  run.writer.write({"step": step, "epoch": epoch, "knn_top1": top1, "knn_s": time.time() - t0})
+  logging.info("epoch %d kNN top-1 %.4f (%d train / %d eval samples, %s, %.1fs)", epoch, top1, len(train_y),
+               len(test_y), f"{size} px {view}", time.time() - t0)
+  return top1
 
 
 def cluster(run: Run, state: TrainState, epoch: int, previous):
@@ -238,20 +291,39 @@ def cluster(run: Run, state: TrainState, epoch: int, previous):
         f"loss.num_clusters={spec.num_clusters} (unreadable files are skipped); lower num_clusters")
   t0 = time.time()
   state, sizes = run.steps.kmeans(state, run.key(1, epoch))
-  table = np.asarray(state.table.addressable_data(0))
+  table, sizes = to_numpy((state.table, sizes))
   kmeans_s = time.time() - t0       # includes the compilation in the first epoch of a process
   health = cluster_metrics.cluster_health(table, spec.num_clusters, previous, run.labels,
-                                          sizes=np.asarray(sizes.addressable_data(0)))
+                                          sizes=sizes)
+  nearest = nearest_to_centroids(run, state, sizes[0]) if run.config.log_cluster_images else {}
   if jax.process_index() == 0:
     try:
-      assignments.save(run.workdir, epoch, table, run.config.keep_assignments)
-    except OSError as e:      # an output for inspection, not worth stopping for (a full disk fails the save next)
-      logging.warning("could not write epoch %d's assignment table to %s: %s", epoch, run.workdir, e)
+      assignments.save(run.workdir, epoch, table, run.config.keep_assignments, **nearest)
+      if nearest:
+        picture = cluster_images.grid(run.pipeline.source, nearest["nearest"])
+        cluster_images.save_png(picture, os.path.join(run.workdir, cluster_images.FOLDER, f"epoch_{epoch:04d}.png"))
+        run.writer.image("clusters/nearest_to_centroid", picture, epoch * run.steps_per_epoch)
+    except OSError as e:      # outputs for inspection, not worth stopping for (a full disk fails the save next)
+      logging.warning("could not write epoch %d's assignment table or cluster pictures to %s: %s", epoch,
+                      run.workdir, e)
+  for h, (empty, k) in enumerate(zip(health["empty_clusters"], spec.num_clusters)):
+    if empty > EMPTY_CLUSTERS_WARNING * k:
+      logging.warning("epoch %d head %d: %d of %d clusters are empty: K is too large for these data? (lower "
+                      "loss.num_clusters; docs/small_data.md)", epoch, h, empty, k)
   run.writer.write({"step": epoch * run.steps_per_epoch, "epoch": epoch, "kmeans_s": kmeans_s, "clusters": health})
   logging.info("epoch %d k-means %.2fs: empty clusters %s, size entropy %s%s", epoch, kmeans_s,
                health["empty_clusters"], [round(x, 3) for x in health["size_entropy"]],
                f", NMI(labels) {[round(x, 3) for x in health['nmi_labels']]}" if "nmi_labels" in health else "")
   return state, table
+
+
+def nearest_to_centroids(run: Run, state: TrainState, sizes) -> dict:
+  """log_cluster_images: the largest clusters of head 0 and their members nearest the centroid (dataset indices),
+  from the memory bank k-means just clustered (all processes compute it; process 0 draws it)."""
+  clusters, nearest = cluster_images.nearest_members(
+      *to_numpy(run.steps.member_scores(state)), sizes=sizes[:run.spec.num_clusters[0]],
+      num_clusters=run.config.log_cluster_images, per_cluster=cluster_images.PER_CLUSTER)
+  return dict(clusters=clusters, nearest=nearest)
 
 
 def train_epoch(run: Run, state: TrainState, epoch: int, first_step: int):
@@ -307,8 +379,14 @@ def train_epoch(run: Run, state: TrainState, epoch: int, first_step: int):
   if pending is not None:
     settle()
   run.bad_samples_total += bad
-  run.writer.write({"step": step, "epoch": epoch, "epoch_loss": float(np.mean(losses)) if losses else None,
+  epoch_loss = float(np.mean(losses)) if losses else None
+  run.writer.write({"step": step, "epoch": epoch, "epoch_loss": epoch_loss,
                     "bad_samples": bad, "bad_samples_total": run.bad_samples_total})
+  uniform = float(np.mean(np.log(run.spec.num_clusters)))
+  if epoch >= 1 and epoch_loss is not None and epoch_loss >= (1 - COLLAPSE_MARGIN) * uniform:
+    logging.warning("epoch %d: the loss %.4f sits at ln K = %.4f (every cluster equally likely): the features do "
+                    "not separate the clusters, a collapse? Check the LR and the augmentation (docs/small_data.md)",
+                    epoch, epoch_loss, uniform)
   check_bad_data(run, bad, len(losses) * config.batch_size, f"in epoch {epoch}")
   return state, step
 

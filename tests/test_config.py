@@ -94,3 +94,33 @@ def test_sample_groups_that_do_not_line_up_with_the_devices_are_refused_with_the
   c.model.sync_bn.group_size = 8
   with pytest.raises(config_lib.ConfigError, match="set one"):
     config_lib.validate(config_lib.resolve(c, 8)[0], 100000, 100, num_devices=8, num_processes=1)
+
+
+@pytest.mark.parametrize("crops,size,resize,want", [
+    (((224, 2, 0.08, 1.0),), 0, "auto", (224, "center_crop")),                  # the published protocol
+    (((160, 2, 0.08, 1.0), (96, 4, 0.05, 0.14)), 0, "auto", (224, "center_crop")),
+    (((32, 2, 0.08, 1.0),), 0, "auto", (32, "whole")),                           # CIFAR: the training size
+    (((96, 2, 0.08, 1.0),), 0, "auto", (96, "whole")),
+    (((32, 2, 0.08, 1.0),), 40, "center_crop", (40, "center_crop")),             # both given: as given
+    (((224, 2, 0.08, 1.0),), 112, "auto", (112, "center_crop"))])
+def test_evaluation_size_follows_the_training_crops(crops, size, resize, want):
+  c = config_lib.base_config()
+  c.data.crops, c.data.eval_image_size, c.data.eval_resize = crops, size, resize
+  assert config_lib.eval_view(c.data) == want
+  resolved, notes = config_lib.resolve(c, 8)          # and the run's config.json records the concrete values
+  assert (resolved.data.eval_image_size, resolved.data.eval_resize) == want
+  assert any(f"evaluation at {want[0]} px ({want[1]})" in n for n in notes) == ((size, resize) != want)
+
+
+@pytest.mark.parametrize("name,images", [("cifar10", 50_000), ("cifar100", 50_000), ("stl10", 5_000),
+                                         ("imagenet100", 126_689)])
+@pytest.mark.parametrize("epochs", [None, "100", "200"])
+def test_small_data_recipes_validate_on_one_and_eight_gpus(name, images, epochs):
+  c = importlib.import_module(f"configs.{name}").get_config(*([epochs] if epochs else []))
+  assert c.num_epochs == (int(epochs) if epochs else (400 if name == "imagenet100" else 1000))
+  assert (c.model.depth, tuple(c.loss.num_clusters), tuple(c.model.head_dims), c.batch_size) == (
+      18, (3000, 3000, 3000), (2048, 128), 256)
+  assert c.model.stem == ("cifar" if name.startswith("cifar") else "imagenet")
+  for gpus in (1, 8):
+    resolved, _ = config_lib.resolve(c, gpus)
+    config_lib.validate(resolved, images, images // resolved.batch_size, num_devices=gpus, num_processes=1)

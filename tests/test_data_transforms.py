@@ -89,3 +89,14 @@ def test_eval_resize_centre_crop_is_torchvision(shape):
                    T.CenterCrop(size)])(Image.fromarray(image))
   np.testing.assert_array_equal(transforms.resize_center_crop(image, size), np.asarray(ref))
   assert math.isclose(round(224 * 256 / 224), 256)
+
+
+def test_eval_views_whole_image_and_centre_crop():
+  img = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+  whole = transforms.eval_view(img, 32, "whole")
+  want = np.asarray(TF.resize(Image.fromarray(img), [32, 32], interpolation=T.InterpolationMode.BILINEAR))
+  assert whole.shape == (32, 32, 3) and np.abs(whole.astype(int) - want.astype(int)).max() <= 1
+  crop = transforms.eval_view(img, 32, "center_crop")
+  np.testing.assert_array_equal(crop, transforms.resize_center_crop(img, 32))
+  square = img[:32, :32]
+  np.testing.assert_array_equal(transforms.eval_view(square, 32, "whole"), square)     # nothing to do

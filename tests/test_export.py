@@ -373,3 +373,28 @@ def test_resnext50_32x4d_exports_to_torchvision_and_loads_back(photos, tmp_path)
   assert_close(np.asarray(apply_fn(loaded, photos)), ours, 1e-4)
   arch, _ = load.trunk_from_state_dict(tv.state_dict())
   assert (arch["depth"], arch["groups"], arch["width_per_group"], arch["stem"]) == (50, 32, 4, "imagenet")
+
+
+def test_cifar_stem_exports_to_torchvision_after_the_two_changes_it_names(tmp_path):
+  """model.stem=cifar (3x3/1 conv, no max-pool): the torchvision-format file loads into resnet18() once conv1 and
+  maxpool are replaced as the export says, with our features; load_trunk reads it back as the CIFAR stem."""
+  model = ResNet(18, stem="cifar")
+  v = numpy_init(model, jnp.zeros((1, 32, 32, 3)))
+  v = with_trained_bn(model, v, (4, 32, 32, 3))
+  config = config_for(18)
+  config.model.stem = "cifar"
+  sd = E.to_torchvision(v, config)
+  assert sd["conv1.weight"].shape == (64, 3, 3, 3)
+  how = E.torchvision_model(config.model)
+  assert "model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)" in how and "model.maxpool = torch.nn.Identity()" in how
+  tv = torchvision.models.resnet18()
+  tv.conv1, tv.maxpool = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False), torch.nn.Identity()
+  result = tv.load_state_dict({k: torch.from_numpy(np.array(x)) for k, x in sd.items()}, strict=False)
+  assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and result.unexpected_keys == []
+  images = np.random.default_rng(3).normal(size=(3, 32, 32, 3)).astype(np.float32)
+  ours = np.asarray(model.apply(v, images, train=False))
+  assert_close(ours, torchvision_features(tv, images), 1e-4)
+  path = str(tmp_path / "cifar_rn18.safetensors")
+  E.save_state_dict(sd, path)
+  apply_fn, loaded = dcv2_jax.load_trunk(path)
+  assert_close(np.asarray(apply_fn(loaded, images)), ours, 1e-4)

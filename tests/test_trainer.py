@@ -223,3 +223,54 @@ def test_undecodable_files_are_counted_reported_once_and_too_many_stop_the_run(t
   assert [r["bad_samples"] for r in epochs] == want and epochs[-1]["bad_samples_total"] == sum(want)
   reports = [r.getMessage() for r in caplog.records if "skipping undecodable sample" in r.getMessage()]
   assert len(reports) == len(set(reports)) == 10           # each file once, although every epoch skips it
+
+
+def test_small_data_run_cifar_stem_live_knn_cluster_pictures_export_and_inspect(tmp_path):
+  """A short run with the CIFAR stem, the live kNN curve and the cluster pictures: knn_top1 in metrics.jsonl,
+  clusters/epoch_XXXX.png of the members nearest each centroid, evaluation at the training size written to
+  config.json; the weights export (swav layout) and load back with the CIFAR stem; inspect draws the same."""
+  from dcv2_jax import export, inspect, load
+  workdir = str(tmp_path / "small")
+  train_and_evaluate(small_config(**{"model.stem": "cifar", "num_epochs": 1, "eval_every_epochs": 1,
+                                     "log_cluster_images": 4}), workdir)
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  knn = [r for r in records if "knn_top1" in r]
+  assert [r["epoch"] for r in knn] == [0] and 0.3 < knn[0]["knn_top1"] <= 1.0          # chance is 0.1
+  saved = json.load(open(os.path.join(workdir, "config.json")))["data"]
+  assert (saved["eval_image_size"], saved["eval_resize"]) == (16, "whole")             # 16 px crops: whole image
+  with np.load(os.path.join(workdir, "assignments", "epoch_0000.npz")) as f:
+    table, clusters, nearest = f["assignments"], f["clusters"], f["nearest"]
+  assert nearest.shape == (4, 8) and (nearest >= 0).all()
+  assert all((table[0][nearest[r]] == clusters[r]).all() for r in range(4))          # members of their cluster
+  sizes = np.bincount(table[0][table[0] >= 0], minlength=10)
+  assert sorted(sizes[clusters].tolist(), reverse=True) == sorted(sizes, reverse=True)[:4]   # the largest
+  from PIL import Image
+  picture = np.asarray(Image.open(os.path.join(workdir, "clusters", "epoch_0000.png")))
+  assert picture.shape == (4 * 50 + 2, 8 * 50 + 2, 3) and picture.std() > 10
+  out = str(tmp_path / "small.safetensors")
+  export.export(workdir, "swav", out)
+  apply_dir, variables_dir = load.load_trunk(workdir)
+  apply_file, variables_file = load.load_trunk(out)
+  x = np.random.default_rng(0).normal(size=(3, 16, 16, 3)).astype(np.float32)
+  np.testing.assert_allclose(np.asarray(apply_file(variables_file, x)), np.asarray(apply_dir(variables_dir, x)),
+                             rtol=1e-5, atol=1e-5)
+  from safetensors.numpy import load_file
+  assert load.trunk_from_state_dict(load_file(out))[0]["stem"] == "cifar"
+  written = inspect.main(["--workdir", workdir, "--clusters", "4"])
+  inspected = np.asarray(Image.open(written["clusters"]))
+  np.testing.assert_array_equal(inspected, picture)                    # the same grid from the saved table
+  assert os.path.getsize(written["curves"]) > 10000
+
+
+def test_a_missing_eval_split_stops_the_run_before_training(tmp_path, monkeypatch):
+  from PIL import Image
+  from dcv2_jax import trainer
+  root = tmp_path / "images" / "train" / "c0"
+  root.mkdir(parents=True)
+  for i in range(70):
+    Image.fromarray(np.full((20, 20, 3), i, np.uint8)).save(root / f"{i}.png")
+  monkeypatch.setattr(trainer, "jit_epoch_steps", lambda *a: pytest.fail("compiled although evaluation cannot run"))
+  config = small_config(**{"data.source": "image_folder", "data.path": str(tmp_path / "images"),
+                           "data.eval_split": "test", "eval_at_end": True, "loss.num_clusters": (5, 5, 5)})
+  with pytest.raises(config_lib.ConfigError, match=r"data.eval_split='test' cannot be read: .*no sub-folder 'test'"):
+    train_and_evaluate(config, str(tmp_path / "run"))

@@ -301,21 +301,21 @@ class Pipeline:
 
 
 class EvalBatchLoader:
-  """Batch number -> resized, centre-cropped images of this process's contiguous share, padded."""
+  """Batch number -> evaluation images (transforms.eval_view) of this process's share of rows, padded."""
 
-  def __init__(self, source, start: int, stop: int, batch_size: int, image_size: int):
-    self.source, self.start, self.stop = source, start, stop
-    self.batch_size, self.image_size = batch_size, image_size
+  def __init__(self, source, rows: np.ndarray, batch_size: int, image_size: int, view: str):
+    self.source, self.rows = source, rows
+    self.batch_size, self.image_size, self.view = batch_size, image_size, view
 
   def __call__(self, b: int) -> dict:
     n, s = self.batch_size, self.image_size
     out = dict(image=np.zeros((n, s, s, 3), np.uint8), label=np.full((n,), -1, np.int32),
                index=np.full((n,), -1, np.int32), valid=np.zeros((n,), bool))
-    first = self.start + int(b) * n
-    for row, i in enumerate(range(first, min(first + n, self.stop))):
+    for row, i in enumerate(self.rows[int(b) * n:(int(b) + 1) * n]):
+      i = int(i)
       try:
         example = self.source[i]
-        out["image"][row] = transforms.resize_center_crop(example["image"], s)
+        out["image"][row] = transforms.eval_view(example["image"], s, self.view)
       except Exception as e:  # pylint: disable=broad-except
         log.warning("skipping undecodable sample %s: %s: %s", self.source.describe(i), type(e).__name__, e)
         continue
@@ -324,24 +324,29 @@ class EvalBatchLoader:
 
 
 def eval_batches(data_cfg, split: str, batch_size: int, image_size: int, process_index: int | None = None,
-                 process_count: int | None = None) -> Iterator[dict]:
+                 process_count: int | None = None, *, view: str = "center_crop", max_samples: int = 0,
+                 seed: int = 0) -> Iterator[dict]:
   """Every sample of `split` once, as dict(image=uint8 [b, S, S, 3], label, index (int32), valid (bool)).
 
-  Images: shorter side resized to round(S * 256 / 224), centre crop S (torchvision's evaluation transform).
-  Process p takes the contiguous share [p * ceil(N/P), (p+1) * ceil(N/P)); every process yields the same
-  number of batches, each padded to batch_size with valid=False (and undecodable samples are valid=False,
-  index -1), so a jitted feature extractor sees the same shapes everywhere.
+  Images: `view` (transforms.EVAL_VIEWS): Resize round(S * 256 / 224) + CentreCrop S (torchvision's evaluation
+  transform), or the whole image resized to S x S. max_samples > 0: a fixed random subset of that many
+  samples (the same for every call with the same seed), in index order. Process p takes the contiguous share
+  [p * ceil(N/P), (p+1) * ceil(N/P)) of the rows; every process yields the same number of batches, each padded
+  to batch_size with valid=False (and undecodable samples are valid=False, index -1), so a jitted feature
+  extractor sees the same shapes everywhere.
   """
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top  (late: see Pipeline.__init__)
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   source = sources.make_source(data_cfg, split)
-  share = math.ceil(len(source) / process_count)
-  start = min(process_index * share, len(source))
-  stop = min(start + share, len(source))
+  rows = np.arange(len(source))
+  if 0 < max_samples < len(source):
+    rows = np.sort(np.random.default_rng(seed).choice(len(source), max_samples, replace=False))
+  share = math.ceil(len(rows) / process_count)
+  mine = rows[min(process_index * share, len(rows)):min((process_index + 1) * share, len(rows))]
   num_batches = max(1, math.ceil(share / batch_size))
-  loader = EvalBatchLoader(source, start, stop, batch_size, image_size)
+  loader = EvalBatchLoader(source, mine, batch_size, image_size, view)
   it = _grain_iterator(loader, 0, num_batches, int(data_cfg.get("num_workers", 0)),
                        int(data_cfg.get("threads_per_worker", 1)), int(data_cfg.get("prefetch", 2)))
 

@@ -12,6 +12,9 @@ import numpy as np
 from PIL import Image
 
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
+# How evaluation sees an image of size S: torchvision's Resize(S * 256 / 224) + CenterCrop(S) (the ImageNet
+# protocol), or the whole image resized to S x S (CIFAR-style: a centre crop would keep 87.5% of a small image).
+EVAL_VIEWS = ("center_crop", "whole")
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -81,3 +84,15 @@ def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
   top = int(round((new_h - size) / 2.0))
   left = int(round((new_w - size) / 2.0))
   return np.asarray(img.crop((left, top, left + size, top + size)))
+
+
+def resize_whole(image: np.ndarray, size: int) -> np.ndarray:
+  """The whole image, bilinearly resized to size x size (aspect ratio not kept, nothing cut off)."""
+  if image.shape[0] == image.shape[1] == size:
+    return image
+  return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+
+
+def eval_view(image: np.ndarray, size: int, view: str) -> np.ndarray:
+  """The evaluation image: `view` in EVAL_VIEWS."""
+  return resize_center_crop(image, size) if view == "center_crop" else resize_whole(image, size)

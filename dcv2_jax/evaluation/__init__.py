@@ -13,10 +13,10 @@ from dcv2_jax.evaluation.features import extract_features, extract_split
 from dcv2_jax.evaluation.knn import knn_accuracy, knn_classify
 from dcv2_jax.evaluation.linear_on_crops import train_linear
 from dcv2_jax.evaluation.linear_probe import linear_probe, top_k_accuracy
-from dcv2_jax.evaluation.protocol import (PROTOCOLS, eval_image_size, fast_protocol, get_protocol, linear_protocol,
-                                          lr_at_epoch, protocol_for)
+from dcv2_jax.evaluation.protocol import (PROTOCOLS, fast_protocol, get_protocol, linear_protocol, lr_at_epoch,
+                                          protocol_for)
 from dcv2_jax.evaluation.quick import evaluate_trunk, knn_and_probe
 
 __all__ = ["assignment_quality", "extract_features", "extract_split", "knn_accuracy", "knn_classify", "train_linear",
-           "linear_probe", "top_k_accuracy", "PROTOCOLS", "eval_image_size", "fast_protocol", "get_protocol",
+           "linear_probe", "top_k_accuracy", "PROTOCOLS", "fast_protocol", "get_protocol",
            "linear_protocol", "lr_at_epoch", "protocol_for", "evaluate_trunk", "knn_and_probe"]

@@ -83,13 +83,17 @@ def extract_features(apply_fn: Callable, variables, batches: Iterable[dict], mes
   return np.concatenate(feats), np.concatenate(labels), np.concatenate(indices)
 
 
-def extract_split(apply_fn, variables, data_cfg, split: str, *, image_size: int, mean, std, batch_size: int = 256,
-                  mesh=None, batches_fn: Callable | None = None, progress: bool = True):
-  """extract_features over a whole split of the configured dataset -> (features, labels, indices).
+def extract_split(apply_fn, variables, data_cfg, split: str, *, image_size: int, view: str, mean, std,
+                  batch_size: int = 256, max_samples: int = 0, mesh=None, batches_fn: Callable | None = None,
+                  progress: bool = True):
+  """extract_features over a split of the configured dataset (or a fixed subset of max_samples of it) ->
+  (features, labels, indices).
 
-  batches_fn defaults to dcv2_jax.data.eval_batches(data_cfg, split, batch_size, image_size), which
-  yields batch_size rows per process (each process its own contiguous share of the split).
+  batches_fn defaults to dcv2_jax.data.eval_batches, which yields batch_size rows per process (each process
+  its own contiguous share of the split), seen at image_size as `view` (transforms.EVAL_VIEWS).
   """
-  batches_fn = data.eval_batches if batches_fn is None else batches_fn
-  batches = batches_fn(data_cfg, split, batch_size, image_size)
+  if batches_fn is None:
+    batches = data.eval_batches(data_cfg, split, batch_size, image_size, view=view, max_samples=max_samples)
+  else:
+    batches = batches_fn(data_cfg, split, batch_size, image_size)
   return extract_features(apply_fn, variables, batches, mesh, mean=mean, std=std, progress=progress)

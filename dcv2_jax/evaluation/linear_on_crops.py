@@ -101,7 +101,8 @@ def train_linear(apply_fn, variables, data_cfg, out_dir: str, protocol=None, *, 
   # ------------------------------------------------------------------------------ validation features
   # The trunk is frozen: validation features are extracted once, and every evaluation is one matmul.
   val_feats, val_labels, _ = extract_split(apply_fn, variables, data_cfg, data_cfg.eval_split,
-                                           image_size=int(cfg.crop_size), mesh=mesh, mean=mean, std=std)
+                                           image_size=int(cfg.crop_size), view=config_lib.eval_view(data_cfg)[1],
+                                           mesh=mesh, mean=mean, std=std)
   feature_dim = int(val_feats.shape[1])
   val_feats = jax.device_put(val_feats, shd.replicated(mesh))
 

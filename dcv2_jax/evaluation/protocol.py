@@ -76,10 +76,3 @@ def sgd_without_lr(protocol) -> optax.GradientTransformation:
   return optax.chain(optax.add_decayed_weights(protocol.weight_decay),
                      optax.trace(decay=protocol.momentum, nesterov=protocol.nesterov))
 
-
-def eval_image_size(data_cfg) -> int:
-  """Eval resolution: the digits upscaling size, else 224 (the published protocol: Resize 256, crop 224,
-  whatever the training crops were)."""
-  if data_cfg.source == "digits":
-    return int(data_cfg.image_size_digits)
-  return 224

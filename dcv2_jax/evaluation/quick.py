@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 
+from dcv2_jax import config as config_lib
 from dcv2_jax import sharding as shd
 from dcv2_jax.evaluation import protocol as protocols
 from dcv2_jax.evaluation.features import extract_split
@@ -58,13 +59,15 @@ def evaluate_trunk(apply_fn, variables, data_cfg, *, mean, std, protocol=None, m
     res = {"skipped": "no eval_split configured"}
     return (res, {}) if return_features else res
   mesh = shd.make_mesh() if mesh is None else mesh
+  size, view = config_lib.eval_view(data_cfg)
   kw = dict(batch_size=protocol.extract_batch_size if batch_size is None else batch_size,
-            image_size=protocols.eval_image_size(data_cfg) if image_size is None else image_size,
+            image_size=size if image_size is None else image_size, view=view,
             mesh=mesh, mean=mean, std=std, batches_fn=batches_fn, progress=progress)
   t0 = time.time()
   train = extract_split(apply_fn, variables, data_cfg, train_split, **kw)
   test = extract_split(apply_fn, variables, data_cfg, test_split, **kw)
   extract_s = time.time() - t0
   res = knn_and_probe(train[0], train[1], test[0], test[1], protocol, linear=linear, mesh=mesh)
-  res.update(train_split=train_split, test_split=test_split, extract_s=extract_s)
+  res.update(train_split=train_split, test_split=test_split, extract_s=extract_s, image_size=kw["image_size"],
+             view=view)
   return (res, dict(train=train, test=test)) if return_features else res
