@@ -88,10 +88,10 @@ class Run:
   def total_steps(self) -> int:
     return self.config.num_epochs * self.spec.steps_per_epoch
 
-  def key(self, purpose: int, *data_) -> jax.Array:
-    """The key of one use (0: initial weights, 1: k-means of an epoch), the same on every process."""
+  def key(self, purpose: int, *folds: int) -> jax.Array:
+    """The key of one use (0: initial weights, 1: k-means, folded with the epoch), the same on every process."""
     key = jax.random.fold_in(self.root_key, purpose)
-    for x in data_:
+    for x in folds:
       key = jax.random.fold_in(key, x)
     return key
 

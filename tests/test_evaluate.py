@@ -142,7 +142,7 @@ def _digits_split(split):
   return d.images[rows], d.target[rows], rows
 
 
-def _fake_eval_batches(data_cfg, split, batch_size, image_size, process_index=None, process_count=None):
+def _fake_eval_batches(data_cfg, split, batch_size, image_size, process_index=None, process_count=None, **view):
   """Stand-in for dcv2_jax.data.eval_batches: digits as uint8 RGB, padded last batch."""
   images, labels, rows = _digits_split(split)
   images = np.repeat((images * 255 / 16).astype(np.uint8)[..., None], 3, axis=-1)
@@ -161,6 +161,7 @@ def _digits_cfg():
   cfg = base_config()
   cfg.data.source, cfg.data.split, cfg.data.eval_split = "digits", "train", "test"
   cfg.data.image_size_digits = 16
+  cfg.data.crops = ((16, 2, 0.5, 1.0),)                      # so evaluation sees 16 px images
   cfg.data.num_workers = 0                                   # no grain worker processes in tests
   cfg.loss.num_clusters = (10, 10)
   return cfg

@@ -6,6 +6,7 @@ mesh's data axis. Every process gets all rows (the outputs are replicated).
 """
 from __future__ import annotations
 
+import functools
 import time
 from typing import Callable, Iterable
 
@@ -24,6 +25,20 @@ def pad_rows(x: np.ndarray, n: int) -> np.ndarray:
   return x if pad == 0 else np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
 
 
+@functools.lru_cache(maxsize=16)
+def _forward(apply_fn: Callable, mean: tuple, std: tuple, mesh):
+  """The jitted, normalising forward of a batch; cached, so that a run's repeated evaluations (the live kNN)
+  compile it once."""
+  mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+
+  def forward(variables, image, label, index, valid):
+    x = (image.astype(jnp.float32) / 255.0 - mean) / std
+    return apply_fn(variables, x).astype(jnp.float32), label, index, valid
+
+  # Replicated outputs: np.asarray works on every process, also multi-host.
+  return jax.jit(forward, out_shardings=shd.replicated(mesh))
+
+
 def extract_features(apply_fn: Callable, variables, batches: Iterable[dict], mesh=None, *, mean, std,
                      total: int | None = None, progress: bool = True):
   """Pooled features of every valid row of `batches`: (features [n, F] float32, labels [n], indices [n]).
@@ -34,17 +49,9 @@ def extract_features(apply_fn: Callable, variables, batches: Iterable[dict], mes
   Rows come back in batch order, process-major within a batch.
   """
   mesh = shd.make_mesh() if mesh is None else mesh
-  mean = np.asarray(mean, np.float32)
-  std = np.asarray(std, np.float32)
   # A process feeds rows to its own devices only: pad its rows to a multiple of them.
   local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
-
-  def forward(variables, image, label, index, valid):
-    x = (image.astype(jnp.float32) / 255.0 - mean) / std
-    return apply_fn(variables, x).astype(jnp.float32), label, index, valid
-
-  # Replicated outputs: np.asarray works on every process, also multi-host.
-  fwd = jax.jit(forward, out_shardings=shd.replicated(mesh))
+  fwd = _forward(apply_fn, tuple(float(v) for v in mean), tuple(float(v) for v in std), mesh)
   variables = jax.device_put(variables, shd.replicated(mesh))
   if total is None and hasattr(batches, "__len__"):
     total = len(batches)
