@@ -10,7 +10,9 @@ because the JAX distributed service detected fatal errors", a stack dump, no wor
 survivor blocked in a collective (NCCL) waits for that. `PeerWatch` gives every process a heartbeat in the
 coordination service's key-value store; a peer whose heartbeat stops for `peer_timeout` seconds is lost, and
 every survivor ends with our line (which process, the last checkpoint, "run the same command to resume").
-JAX's own heartbeat timeout is set to twice ours, so ours fires first.
+JAX's own heartbeat timeout is set well above ours (twice ours, and at least a minute more), so ours fires
+first, and a host that is merely slow (a long compile on a loaded machine stalls heartbeat threads for
+seconds) is not aborted by JAX.
 """
 from __future__ import annotations
 
@@ -35,6 +37,13 @@ def _multi_process_cluster() -> bool:
   return any(os.environ.get(k) for k in ("JAX_COORDINATOR_ADDRESS", "JOB_COMPLETION_INDEX"))
 
 
+def jax_heartbeat_timeout(peer_timeout: float) -> int:
+  """JAX's heartbeat timeout for our `peer_timeout`: a backstop behind PeerWatch, never ahead of it. A short
+  peer timeout (10 s in the tests) would otherwise make JAX's 20 s: a CI run on 2 loaded cores saw JAX abort
+  both processes ("tasks 0, 1 stopped sending heartbeats") while they were compiling."""
+  return int(max(2 * peer_timeout, peer_timeout + 60))
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, local_device_ids: str | None = None,
                peer_timeout: float = DEFAULT_PEER_TIMEOUT) -> None:
@@ -46,7 +55,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   jax.config.update("jax_enable_preemption_service", False)
   jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                              process_id=process_id, local_device_ids=ids,
-                             heartbeat_timeout_seconds=int(2 * peer_timeout))
+                             heartbeat_timeout_seconds=jax_heartbeat_timeout(peer_timeout))
   logging.info("joined as process %d of %d (%d local devices)", jax.process_index(), jax.process_count(),
                jax.local_device_count())
 

@@ -14,6 +14,8 @@ import numpy as np
 from absl import logging
 from tensorboardX import SummaryWriter
 
+TENSORBOARD_STALL_S = 30.0    # the longest an event waits for room in TensorBoard's queue while its thread lives
+
 
 def to_numpy(tree):
   """Replicated jax arrays in a pytree -> numpy arrays, copied from the devices in one batch (this process's
@@ -41,7 +43,13 @@ def _python_leaf(x):
 class MetricWriter:
   """Appends records to <workdir>/metrics.jsonl and TensorBoard. A write that fails (a full disk) warns
   once and the writer goes quiet: metrics are never worth stopping a run for, and the checkpoint save
-  that the same disk fails next reports the cause."""
+  that the same disk fails next reports the cause.
+
+  tensorboardX writes from a thread fed by a bounded queue; a failed write (a full disk) kills that thread
+  silently and the 11th event after it blocks the trainer forever (seen: a full-disk run hung in
+  add_scalar). So every event waits for room in the queue only while the thread lives, and a dead thread
+  turns TensorBoard off with a warning (metrics.jsonl carries on).
+  """
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
@@ -58,21 +66,35 @@ class MetricWriter:
     try:
       with open(self.path, "a") as f:
         f.write(json.dumps(record, allow_nan=True) + "\n")
-      if self._tb is not None:
-        step = record.get("step", 0)
-        for key, value in _flatten(record):
-          if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-            self._tb.add_scalar(key, value, step)
     except OSError as e:
       self._failed(e)
+      return
+    step = record.get("step", 0)
+    for key, value in _flatten(record):
+      if key != "step" and isinstance(value, (int, float)) and math.isfinite(value) and self._tb_ready():
+        self._tb.add_scalar(key, value, step)
 
   def image(self, tag: str, image, step: int) -> None:
     """A uint8 [H, W, 3] picture to TensorBoard's image tab."""
-    if self.enabled and self._tb is not None:
-      try:
-        self._tb.add_image(tag, image, step, dataformats="HWC")
-      except OSError as e:
-        self._failed(e)
+    if self.enabled and self._tb_ready():
+      self._tb.add_image(tag, image, step, dataformats="HWC")
+
+  def _tb_ready(self) -> bool:
+    """Whether TensorBoard's writer thread can take one more event without blocking for good (class doc)."""
+    if self._tb is None:
+      return False
+    # tensorboardX has no public handle on its thread or queue (the reason for the private names).
+    events = self._tb._get_file_writer().event_writer  # pylint: disable=protected-access
+    deadline = time.monotonic() + TENSORBOARD_STALL_S
+    while events._worker.is_alive() and events._event_queue.full() and time.monotonic() < deadline:  # pylint: disable=protected-access
+      time.sleep(0.01)
+    if events._worker.is_alive() and not events._event_queue.full():  # pylint: disable=protected-access
+      return True
+    logging.warning("metrics: TensorBoard's writer in %s stopped (a full disk? its error is in train.log); "
+                    "TensorBoard gets no more events from this process, metrics.jsonl still does",
+                    os.path.join(os.path.dirname(self.path), "tensorboard"))
+    self._tb = None         # never closed: its close() would wait on the dead thread
+    return False
 
   def _failed(self, error: OSError) -> None:
     logging.warning("metrics: writing %s failed (%s); no more metrics are written by this process",
@@ -80,12 +102,12 @@ class MetricWriter:
     self.enabled = False
 
   def close(self) -> None:
-    if self._tb is not None:
+    if self._tb is not None and self._tb_ready():
       try:
         self._tb.close()
       except OSError as e:
         self._failed(e)
-      self._tb = None
+    self._tb = None
 
 
 def _flatten(record, prefix=""):
