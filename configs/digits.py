@@ -2,12 +2,15 @@
 
   python train.py --config=configs/digits.py --workdir=/tmp/dcv2_digits
 
-Hardware: 2 CPU cores, about 3 minutes. 1,438 training images (8x8 upscaled to 32x32), ResNet-18 at a
+Hardware: 2 CPU cores, about 4 minutes. 1,438 training images (8x8 upscaled to 32x32), ResNet-18 at a
 quarter width, 2x32 crops, 3 heads x 40 clusters, 60 epochs. At the end it prints the kNN accuracy
-(held-out 20%) of the learned features next to the same network at random initialisation, and the
-NMI of the cluster assignments against the digit labels is logged every epoch.
-Expected (measured on a 2-core CPU VM, 2 min 28 s in all): kNN top-1 0.98 learned vs 0.84 random
-init, linear probe 0.98 vs 0.86, NMI(labels) 0.72 after 60 epochs (0.08 after the first).
+(held-out 20%) of the learned features next to the same network at random initialisation; the NMI of the
+cluster assignments against the digit labels is logged every epoch, a kNN curve every 10 epochs, and
+8 clusters' nearest digits to <workdir>/clusters/epoch_XXXX.png.
+Expected (measured on a 2-core CPU VM, 2026-12-01: 3 min 30 s of training, ~900 img/s): kNN top-1 0.94
+learned vs 0.86 random init, linear probe 0.99 vs 0.93. The run is chaotic at this LR: seeds 0 / 1 / 2 give
+kNN 0.939 / 0.950 / 0.986 (`--config.seed=N`), and a change that only moves float rounding moves a seed
+by up to 3 points; compare code changes over several seeds, not one run.
 """
 from dcv2_jax.config import base_config
 
@@ -20,6 +23,9 @@ def get_config():
   c.data.source = "digits"
   c.data.split = "train"
   c.data.eval_split = "validation"
+  # Evaluate on the centre crop, not the whole digit: the training crops zoom in (scale 0.5-1), and the
+  # learned features read the centre crop better (kNN 0.939 vs 0.930 at seed 0; +0 to +0.9 points over seeds 0-2).
+  c.data.eval_resize = "center_crop"
   c.data.image_size_digits = 32
   c.data.crops = ((32, 2, 0.5, 1.0),)
   c.data.num_workers = 0

@@ -232,12 +232,12 @@ def test_small_data_run_cifar_stem_live_knn_cluster_pictures_export_and_inspect(
   from dcv2_jax import export, inspect, load
   workdir = str(tmp_path / "small")
   train_and_evaluate(small_config(**{"model.stem": "cifar", "num_epochs": 1, "eval_every_epochs": 1,
-                                     "log_cluster_images": 4}), workdir)
+                                     "log_cluster_images": 4, "data.eval_resize": "auto"}), workdir)
   records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   knn = [r for r in records if "knn_top1" in r]
   assert [r["epoch"] for r in knn] == [0] and 0.3 < knn[0]["knn_top1"] <= 1.0          # chance is 0.1
   saved = json.load(open(os.path.join(workdir, "config.json")))["data"]
-  assert (saved["eval_image_size"], saved["eval_resize"]) == (16, "whole")             # 16 px crops: whole image
+  assert (saved["eval_image_size"], saved["eval_resize"]) == (16, "whole")             # auto, 16 px crops: whole image
   with np.load(os.path.join(workdir, "assignments", "epoch_0000.npz")) as f:
     table, clusters, nearest = f["assignments"], f["clusters"], f["nearest"]
   assert nearest.shape == (4, 8) and (nearest >= 0).all()
