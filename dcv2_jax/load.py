@@ -28,8 +28,9 @@ def load_state_dict_file(path: str) -> dict[str, np.ndarray]:
       return load_file(path)
     import torch  # pylint: disable=g-import-not-at-top  (late: only .pth files need torch, an optional package)
     obj = torch.load(path, map_location="cpu", weights_only=True)
-  except ImportError:
-    raise
+  except ImportError as e:      # a torch file on a machine without torch (e.g. the GPU image's Python 3.12 line)
+    raise ValueError(f"{path}: reading a torch file needs torch ({e}); install it (pip install torch) or use "
+                     "a .safetensors file (python -m dcv2_jax.export writes both)") from None
   except Exception as e:  # pylint: disable=broad-except  (safetensors', torch's and pickle's errors alike)
     raise ValueError(f"{path} is not a weights file this tool reads (a .safetensors file or a torch state dict: "
                      f"{type(e).__name__}: {' '.join(str(e).split())[:200]})") from None

@@ -5,6 +5,7 @@ generators of dict batches); the digits end-to-end test at the bottom uses the r
 it is there.
 """
 import json
+import sys
 
 import flax.linen as nn
 import jax
@@ -231,7 +232,7 @@ def test_bad_input_to_the_commands_is_one_line(tmp_path):
   import subprocess
   import sys
   from dcv2_jax import export, linear_eval
-  junk = tmp_path / "junk.pth"
+  junk = tmp_path / "junk.safetensors"          # safetensors: the same check with torch installed or not
   junk.write_bytes(b"not a state dict")
   (tmp_path / "empty").mkdir()
   cases = [(evaluate.main, ["--weights", str(junk)], "is not a weights file this tool reads"),
@@ -249,3 +250,13 @@ def test_bad_input_to_the_commands_is_one_line(tmp_path):
                      text=True, timeout=300)
   assert r.returncode != 0 and "Traceback" not in r.stderr
   assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "is not a weights file" in r.stderr
+
+
+def test_a_torch_file_without_torch_installed_is_one_clear_line(tmp_path, monkeypatch):
+  """The GPU image's Python 3.12 line has no CPU torch: a .pth then says what to do, not ModuleNotFoundError."""
+  from dcv2_jax import load
+  monkeypatch.setitem(sys.modules, "torch", None)          # `import torch` raises ImportError
+  path = tmp_path / "weights.pth"
+  path.write_bytes(b"whatever")
+  with pytest.raises(ValueError, match=r"reading a torch file needs torch .*\.safetensors"):
+    load.load_state_dict_file(str(path))
