@@ -262,22 +262,18 @@ def live_knn(run: Run, state: TrainState, epoch: int, step: int) -> float:
   split), logged as knn_top1, so a run shows whether its features improve long before it ends."""
   config = run.config
   t0 = time.time()
-  size, view = config_lib.eval_view(config.data)
   mean, std = config_lib.normalization(config)
-  apply_fn = models.trunk_apply_fn(**models.trunk_arch(config.model))
-  variables = trunk_variables(state)
-  feats = [evaluation.extract_split(apply_fn, variables, config.data, split, image_size=size, view=view, mean=mean,
-                                    std=std, max_samples=config.eval_max_samples, mesh=run.mesh, progress=False)
-           for split in (config.data.split, config.data.eval_split)]
-  protocol = evaluation.protocol_for(config.data)
-  (train_x, train_y, _), (test_x, test_y, _) = feats
-  classes = int(max(train_y.max(), test_y.max())) + 1
-  top1 = evaluation.knn_accuracy(train_x, train_y, test_x, test_y, classes, k=protocol.knn_k,
-                                 temperature=protocol.knn_temperature, mesh=run.mesh)
-  run.writer.write({"step": step, "epoch": epoch, "knn_top1": top1, "knn_s": time.time() - t0})
-  logging.info("epoch %d kNN top-1 %.4f (%d train / %d eval samples, %s, %.1fs)", epoch, top1, len(train_y),
-               len(test_y), f"{size} px {view}", time.time() - t0)
-  return top1
+  res = evaluation.evaluate_trunk(models.trunk_apply_fn(**models.trunk_arch(config.model)), trunk_variables(state),
+                                  config.data, protocol=evaluation.protocol_for(config.data), mesh=run.mesh,
+                                  mean=mean, std=std, linear=False, progress=False,
+                                  max_samples=config.eval_max_samples)
+  if "knn_top1" not in res:
+    logging.warning("epoch %d: no kNN (%s)", epoch, res.get("skipped"))
+    return float("nan")
+  run.writer.write({"step": step, "epoch": epoch, "knn_top1": res["knn_top1"], "knn_s": time.time() - t0})
+  logging.info("epoch %d kNN top-1 %.4f (%d train / %d eval samples, %s px %s, %.1fs)", epoch, res["knn_top1"],
+               res["num_train"], res["num_test"], res["image_size"], res["view"], time.time() - t0)
+  return res["knn_top1"]
 
 
 def cluster(run: Run, state: TrainState, epoch: int, previous):

@@ -46,8 +46,9 @@ def knn_and_probe(train_feats, train_labels, test_feats, test_labels, protocol=N
 
 def evaluate_trunk(apply_fn, variables, data_cfg, *, mean, std, protocol=None, mesh=None, batch_size=None,
                    image_size=None, train_split=None, test_split=None, linear: bool = True, batches_fn=None,
-                   return_features: bool = False, progress=True):
-  """Features of data_cfg.split (train) and data_cfg.eval_split (test), then kNN + probe.
+                   return_features: bool = False, progress=True, max_samples: int = 0):
+  """Features of data_cfg.split (train) and data_cfg.eval_split (test) (max_samples > 0: a fixed subset of that
+  many of each), then kNN + probe.
 
   Returns the results dict (JSON-ready), or (results, dict(train=(f, l, i), test=(f, l, i))) when
   return_features. With no eval split configured, returns {"skipped": ...}.
@@ -62,7 +63,7 @@ def evaluate_trunk(apply_fn, variables, data_cfg, *, mean, std, protocol=None, m
   size, view = config_lib.eval_view(data_cfg)
   kw = dict(batch_size=protocol.extract_batch_size if batch_size is None else batch_size,
             image_size=size if image_size is None else image_size, view=view,
-            mesh=mesh, mean=mean, std=std, batches_fn=batches_fn, progress=progress)
+            mesh=mesh, mean=mean, std=std, batches_fn=batches_fn, progress=progress, max_samples=max_samples)
   t0 = time.time()
   train = extract_split(apply_fn, variables, data_cfg, train_split, **kw)
   test = extract_split(apply_fn, variables, data_cfg, test_split, **kw)
