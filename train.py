@@ -39,10 +39,9 @@ _CONNECTION_LOST = re.compile(r"gloo|connection (reset|refused|closed)|peer|unav
 
 
 def lost_process_line(lost, workdir) -> str:
-  who = ", ".join(map(str, lost)) if lost else "another process (which one is not known yet)"
-  return (f"error: lost process {who} (no heartbeat for {FLAGS.peer_timeout:.0f}s, or its connection broke: a "
-          f"crashed or preempted host, or the network), so process {distributed.jax.process_index()} stops too. "
-          f"{run_log.saved_state(workdir)} on every host.")
+  return (f"error: lost process {', '.join(map(str, lost))} (no heartbeat for {FLAGS.peer_timeout:.0f}s, or its "
+          f"connection broke: a crashed or preempted host, or the network), so process "
+          f"{distributed.jax.process_index()} stops too. {run_log.saved_state(workdir)} on every host.")
 
 
 def main(argv):
@@ -64,7 +63,10 @@ def main(argv):
       run_log.fail(f"error: {' '.join(str(e).split())}", 2, e)
     except BaseException as e:  # pylint: disable=broad-except  (any crash: our line last, then exit)
       if distributed.jax.process_count() > 1 and _CONNECTION_LOST.search(str(e)):
-        run_log.fail(lost_process_line(watch.wait_for_lost(2 * FLAGS.peer_timeout), workdir), 1, e)
+        lost = watch.wait_for_lost(2 * FLAGS.peer_timeout)
+        if lost:
+          run_log.fail(lost_process_line(lost, workdir), 1, e)
+        # Every peer still beats: no process was lost, and the error's own line says what failed.
       run_log.fail(run_log.summary(e, workdir), 1, e)
   if summary.get("preempted"):
     sys.exit(PREEMPTED_EXIT_CODE)

@@ -26,9 +26,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from jax.experimental import multihost_utils
 
 from dcv2_jax import config as config_lib
+from dcv2_jax import distributed
 
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "damaged_checkpoints"
@@ -216,8 +216,7 @@ class Checkpoints:
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(target), exist_ok=True)
       os.replace(os.path.join(self.directory, str(step)), target)
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices(f"dcv2_checkpoint_moved_{step}")
+    distributed.barrier(f"checkpoint_moved/{step}")
     self.manager.reload()
     return target
 

@@ -9,7 +9,7 @@
 Each is one `jax.jit` over the mesh with global arrays: parameters, optimizer state, centroids and the
 assignment table replicated; batch and memory bank split on the data axis; the state donated (the bank
 is updated in place). XLA inserts the collectives (BatchNorm statistics, gradient all-reduce, k-means
-sums).
+sums). `distributed.jit`: in a multi-process run each starts together on every process.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from typing import Callable
 
 import jax
 
-from dcv2_jax import kmeans
+from dcv2_jax import distributed, kmeans
 from dcv2_jax.sharding import batch_sharded, replicated
 from dcv2_jax.train_state import StepSpec, TrainState, init_state, state_shardings
 from dcv2_jax.train_step import bank_init_step, train_step
@@ -46,14 +46,15 @@ def jit_epoch_steps(spec: StepSpec, mesh) -> EpochSteps:
   rep, data = replicated(mesh), batch_sharded(mesh)
   shape = jax.eval_shape(functools.partial(init_state, spec), jax.random.key(0))
   ss = state_shardings(shape, mesh)
+  jit = distributed.jit
   return EpochSteps(
-      init=jax.jit(functools.partial(init_state, spec), out_shardings=ss),
-      bank_init=jax.jit(functools.partial(bank_init_step, spec), in_shardings=(ss, data, rep), out_shardings=ss,
-                        donate_argnums=0),
-      kmeans=jax.jit(functools.partial(kmeans_step, spec, mesh), in_shardings=(ss, rep), out_shardings=(ss, rep),
-                     donate_argnums=0),
-      train=jax.jit(functools.partial(train_step, spec), in_shardings=(ss, data), out_shardings=(ss, rep, rep),
+      init=jit(functools.partial(init_state, spec), out_shardings=ss),
+      bank_init=jit(functools.partial(bank_init_step, spec), in_shardings=(ss, data, rep), out_shardings=ss,
                     donate_argnums=0),
-      member_scores=jax.jit(lambda s: kmeans.member_scores(s.bank, s.centroids, s.table), in_shardings=(ss,),
-                            out_shardings=rep),
+      kmeans=jit(functools.partial(kmeans_step, spec, mesh), in_shardings=(ss, rep), out_shardings=(ss, rep),
+                 donate_argnums=0),
+      train=jit(functools.partial(train_step, spec), in_shardings=(ss, data), out_shardings=(ss, rep, rep),
+                donate_argnums=0),
+      member_scores=jit(lambda s: kmeans.member_scores(s.bank, s.centroids, s.table), in_shardings=(ss,),
+                        out_shardings=rep),
       state_sharding=ss)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from dcv2_jax import data
+from dcv2_jax import data, distributed
 from dcv2_jax import sharding as shd
 from dcv2_jax.metric_writer import format_eta
 
@@ -36,7 +36,7 @@ def _forward(apply_fn: Callable, mean: tuple, std: tuple, mesh):
     return apply_fn(variables, x).astype(jnp.float32), label, index, valid
 
   # Replicated outputs: np.asarray works on every process, also multi-host.
-  return jax.jit(forward, out_shardings=shd.replicated(mesh))
+  return distributed.jit(forward, out_shardings=shd.replicated(mesh))
 
 
 def extract_features(apply_fn: Callable, variables, batches: Iterable[dict], mesh=None, *, mean, std,

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dcv2_jax import distributed
 from dcv2_jax import sharding as shd
 from dcv2_jax.evaluation.features import pad_rows
 from dcv2_jax.models import l2_normalize
@@ -40,7 +41,7 @@ def _scan_topk(test, train, train_labels, row0, n_train, *, k, train_chunk, prec
   return out
 
 
-@functools.partial(jax.jit, static_argnames=("k", "num_classes", "train_chunk", "precision", "mesh"))
+@functools.partial(distributed.jit, static_argnames=("k", "num_classes", "train_chunk", "precision", "mesh"))
 def _knn_predict_chunk(test, train, train_labels, n_train, temperature, *, k, num_classes, train_chunk,
                        precision, mesh):
   test = l2_normalize(test)

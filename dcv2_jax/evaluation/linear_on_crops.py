@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from dcv2_jax import augment, checkpoint, data
+from dcv2_jax import augment, checkpoint, data, distributed
 from dcv2_jax import config as config_lib
 from dcv2_jax import sharding as shd
 from dcv2_jax.evaluation.features import extract_split
@@ -129,7 +129,7 @@ def train_linear(apply_fn, variables, data_cfg, out_dir: str, protocol=None, *, 
     params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
     return (params, opt_state), loss
 
-  step = jax.jit(step, donate_argnums=0, out_shardings=(shd.replicated(mesh), shd.replicated(mesh)))
+  step = distributed.jit(step, donate_argnums=0, out_shardings=(shd.replicated(mesh), shd.replicated(mesh)))
   writer = MetricWriter(out_dir, enabled=is_main)
   try:
     t_start = time.time()
