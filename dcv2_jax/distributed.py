@@ -1,5 +1,5 @@
-"""Multi-host start-up (one JAX process per host, all joined before any device is used), and the watch that
-turns a lost process into one line on every survivor.
+"""Multi-host start-up (one JAX process per host, all joined before any device is used), the watch that
+turns a lost process into one line on every survivor, and `jit`, whose programs start together everywhere.
 
 jax.distributed.initialize() detects SLURM, Open MPI and Kubernetes (JobSet / indexed jobs) by itself;
 explicit flags cover any other launcher. A single process needs none of it.
@@ -34,7 +34,7 @@ from absl import logging
 _CLUSTER_ENV = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS", "JOB_COMPLETION_INDEX")
 DEFAULT_PEER_TIMEOUT = 120          # seconds without a peer's heartbeat before it counts as lost
 _KEY = "dcv2_jax/heartbeat/"
-BARRIER_TIMEOUT_S = 3600    # how long the first process waits for the last (a compile, a restore)
+BARRIER_TIMEOUT_S = 3600            # how long the first process waits for the last (a compile, a restore)
 _barrier_ids = itertools.count()    # one sequence in every process (see barrier)
 
 
