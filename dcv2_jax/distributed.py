@@ -48,8 +48,8 @@ def _multi_process_cluster() -> bool:
 
 def jax_heartbeat_timeout(peer_timeout: float) -> int:
   """JAX's heartbeat timeout for our `peer_timeout`: a backstop behind PeerWatch, never ahead of it. A short
-  peer timeout (10 s in the tests) would otherwise make JAX's 20 s: a CI run on 2 loaded cores saw JAX abort
-  both processes ("tasks 0, 1 stopped sending heartbeats") while they were compiling."""
+  peer timeout (15 s in the tests) would otherwise give JAX 30 s: a CI run on 2 loaded cores saw JAX abort
+  both processes ("tasks 0, 1 stopped sending heartbeats") while they were compiling (at 2 x 10 s)."""
   return int(max(2 * peer_timeout, peer_timeout + 60))
 
 
