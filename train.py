@@ -47,6 +47,7 @@ def lost_process_line(lost, workdir) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  distributed.claim_device_memory()
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                          FLAGS.local_device_ids, FLAGS.peer_timeout)
   # After initialize: nothing may touch the devices before it.

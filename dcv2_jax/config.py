@@ -11,10 +11,12 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import json
+import os
+import sys
 
 import ml_collections
 
-from dcv2_jax import augment, kmeans, models, optim
+from dcv2_jax import augment, kmeans, models, optim, weight_grads
 from dcv2_jax.data import sources, transforms
 
 
@@ -72,6 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
   m.stem = "imagenet"            # imagenet: 7x7/2 conv + max-pool | cifar: 3x3/1 conv, no max-pool (small images)
   m.head_input_dim = -1          # -1: the trunk's feature dim; else checked against it
   m.dtype = "bfloat16"           # compute dtype: float32 | bfloat16 | float16 (params stay float32)
+  m.grad_reduce_dtype = "float32"  # the dtype weight gradients are summed over the devices in: float32 (as
+                                 # PyTorch DDP under AMP) | compute (model.dtype; half the bytes; weight_grads.py)
   m.matmul_precision = "default"  # float32 convs/matmuls: default (TF32 on GPU) | highest (true fp32, as V100s)
   m.bn_momentum = 0.9            # Flax convention (PyTorch momentum 0.1)
   m.bn_eps = 1e-5
@@ -132,6 +136,7 @@ CHOICES = {
     "augment.jitter_order": augment.JITTER_ORDERS,
     "model.depth": tuple(sorted(models.STAGES)),
     "model.dtype": tuple(models.DTYPES),
+    "model.grad_reduce_dtype": weight_grads.REDUCE_DTYPES,
     "model.matmul_precision": tuple(models.PRECISIONS),
     "model.stem": models.STEMS,
     "loss.kmeans_precision": tuple(models.PRECISIONS),
@@ -238,7 +243,7 @@ def validate(config, num_examples: int, steps_per_epoch: int, num_devices: int, 
     problems.append(f"model.sync_bn.samples={samples} and group_size={gs}: set one (samples fixes the statistics "
                     "batch on any device count; group_size counts devices, as VISSL)")
   elif samples:
-    problems += _sample_group_problems(samples, b, num_devices)
+    problems += sample_group_problems(samples, b, num_devices)
   elif gs not in (0, -1) and (gs < 0 or num_devices % gs):
     problems.append(f"model.sync_bn.group_size={gs}: use 0 (global), -1 (per host) or a divisor of the "
                     f"{num_devices} devices")
@@ -256,7 +261,7 @@ def validate(config, num_examples: int, steps_per_epoch: int, num_devices: int, 
     raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
-def _sample_group_problems(samples: int, batch: int, num_devices: int) -> list[str]:
+def sample_group_problems(samples: int, batch: int, num_devices: int) -> list[str]:
   """BatchNorm groups of `samples` must tile the global batch and line up with the devices (a group spans
   whole devices, or a device holds whole groups); else the nearest settings that do."""
   if samples < 0 or batch <= 0 or batch % num_devices:
@@ -302,6 +307,11 @@ def load_file(path: str) -> ml_collections.ConfigDict:
     with open(path) as f:
       return from_saved(json.load(f))
   file, _, arg = path.partition(":")
+  folder = os.path.dirname(os.path.abspath(file))
+  if os.path.exists(os.path.join(folder, "__init__.py")) and os.path.dirname(folder) not in sys.path:
+    # A package of recipes that import each other (configs/dcv2_2x160_4x96.py: `from configs import ...`), read
+    # from any working directory.
+    sys.path.insert(0, os.path.dirname(folder))
   spec = importlib.util.spec_from_file_location("_dcv2_config", file)
   if spec is None or spec.loader is None:
     raise FileNotFoundError(f"{file}: not a config file (configs/*.py or a run's config.json)")

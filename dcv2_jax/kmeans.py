@@ -129,7 +129,7 @@ def _warn_no_fused_kernel(reason: str) -> None:
                   "assignment (loss.kmeans_assign=xla) instead: the same result, slower on a GPU.", reason)
 
 
-def _nearest(x, centroids, settings: KMeansSettings, mesh):
+def nearest(x, centroids, settings: KMeansSettings, mesh):
   """(argmax, max) over clusters of the scores of x [P, c, D] against centroids [K, D], each [P, c].
 
   'xla': an einsum then argmax/max (XLA writes the [P, c, K] scores to memory and reads them back);
@@ -138,7 +138,9 @@ def _nearest(x, centroids, settings: KMeansSettings, mesh):
   Where the kernel cannot run (a JAX without Pallas' Triton backend) it warns once and uses 'xla'.
   """
   assign = settings.assign
-  if assign == "pallas" and (reason := kmeans_kernel.unavailable_reason()):
+  # The mesh's devices, not the default backend: the GPU compile check lowers for GPUs on a CPU-only machine.
+  platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+  if assign == "pallas" and (reason := kmeans_kernel.unavailable_reason(platform)):
     _warn_no_fused_kernel(reason)
     assign = "xla"
   if assign == "xla":
@@ -147,7 +149,8 @@ def _nearest(x, centroids, settings: KMeansSettings, mesh):
     return jnp.argmax(scores, axis=-1).astype(jnp.int32), jnp.max(scores, axis=-1)
 
   def per_device(xs, c):
-    a, best = kmeans_kernel.nearest(xs.reshape(-1, xs.shape[-1]), c, precision=settings.precision)
+    a, best = kmeans_kernel.nearest(xs.reshape(-1, xs.shape[-1]), c, precision=settings.precision,
+                                    interpret=platform != "gpu")
     return a.reshape(xs.shape[:2]), best.reshape(xs.shape[:2])
 
   if mesh is not None and mesh.size > 1 and x.shape[0] % mesh.size == 0:
@@ -171,7 +174,7 @@ def _assign_pass(chunks, valid_chunks, centroids, settings: KMeansSettings, mesh
 
   def body(carry, xs):
     x, v = xs                                                   # [P,c,D], [P,c]
-    a, best = _nearest(x, centroids, settings, mesh)
+    a, best = nearest(x, centroids, settings, mesh)
     a = jnp.where(v, a, IGNORE)
     if with_sums:
       # Per-shard accumulators: the sum over shards (a cross-device all-reduce) waits until after the scan.

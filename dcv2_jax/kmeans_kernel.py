@@ -34,9 +34,10 @@ else:
   _TRITON_MISSING = None
 
 
-def unavailable_reason() -> str | None:
-  """None if `nearest` can run on the default backend (compiled by Triton on GPU, interpreted elsewhere)."""
-  return _TRITON_MISSING if jax.default_backend() == "gpu" else None
+def unavailable_reason(platform: str | None = None) -> str | None:
+  """None if `nearest` can run on `platform` (default: the default backend): compiled by Triton on GPU,
+  interpreted elsewhere."""
+  return _TRITON_MISSING if (platform or jax.default_backend()) == "gpu" else None
 
 
 def _kernel(x_ref, c_ref, assign_ref, best_ref, *, num_clusters: int, block_k: int, precision):
@@ -69,7 +70,9 @@ def nearest(x, centroids, *, block_rows: int = 128, block_k: int = 128, precisio
 
   The dot takes the inputs' dtype (float32: TF32 on tensor cores at the default precision, as XLA's
   matmul; bfloat16) and accumulates in float32. Block sizes are powers of two, as Triton's loads need; rows,
-  clusters and D are padded with zeros to fit (zero columns change no dot product).
+  clusters and D are padded with zeros to fit (zero columns change no dot product). interpret: None = off on
+  a GPU backend; callers that compile for devices other than the default backend's (the GPU compile check on
+  a CPU-only machine) say which.
   """
   for name, v in (("block_rows", block_rows), ("block_k", block_k)):
     if v < 16 or v & (v - 1):

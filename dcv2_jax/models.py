@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dcv2_jax import weight_grads
 from dcv2_jax.batchnorm import BatchNorm
 
 STAGES = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),
@@ -43,20 +44,26 @@ def feature_dim(depth: int, width: int = 1, base_width: int = 64) -> int:
 
 
 class Conv(nn.Module):
-  """Bias-free convolution with torchvision's symmetric padding k // 2 (`groups` > 1: ResNeXt's grouped conv)."""
+  """Bias-free convolution with torchvision's symmetric padding k // 2 (`groups` > 1: ResNeXt's grouped conv).
+
+  grad_mesh: the mesh over which the kernel's gradient is summed in float32 (weight_grads.py); None: as XLA
+  chooses (in the compute dtype for a kernel used once).
+  """
   features: int
   kernel: int
   stride: int = 1
   dtype: Any = jnp.float32
   groups: int = 1
   precision: Any = None
+  grad_mesh: Any = None
 
   @nn.compact
   def __call__(self, x):
     p = self.kernel // 2
     return nn.Conv(self.features, (self.kernel, self.kernel), (self.stride, self.stride),
                    padding=((p, p), (p, p)), use_bias=False, dtype=self.dtype, feature_group_count=self.groups,
-                   param_dtype=jnp.float32, kernel_init=conv_init, precision=self.precision, name="conv")(x)
+                   param_dtype=jnp.float32, kernel_init=conv_init, precision=self.precision, name="conv",
+                   **weight_grads.layer_options("conv", self.dtype, self.grad_mesh))(x)
 
 
 class Block(nn.Module):
@@ -74,6 +81,7 @@ class Block(nn.Module):
   groups: int = 1
   width_per_group: int = 64
   precision: Any = None
+  grad_mesh: Any = None
 
   @nn.compact
   def __call__(self, x, mask=None):
@@ -84,12 +92,13 @@ class Block(nn.Module):
       convs = ((self.planes, 3, self.stride, 1), (self.planes, 3, 1, 1))
     y = x
     for i, (features, kernel, stride, groups) in enumerate(convs, start=1):
-      y = Conv(features, kernel, stride, self.dtype, groups, self.precision, name=f"conv{i}")(y)
+      y = Conv(features, kernel, stride, self.dtype, groups, self.precision, self.grad_mesh, name=f"conv{i}")(y)
       y = self.norm(name=f"bn{i}")(y, mask)
       if i < len(convs):
         y = nn.relu(y)
     if self.downsample:
-      x = Conv(convs[-1][0], 1, self.stride, self.dtype, precision=self.precision, name="downsample_conv")(x)
+      x = Conv(convs[-1][0], 1, self.stride, self.dtype, precision=self.precision, grad_mesh=self.grad_mesh,
+               name="downsample_conv")(x)
       x = self.norm(name="downsample_bn")(x, mask)
     return nn.relu(y + x)
 
@@ -110,6 +119,7 @@ class ResNet(nn.Module):
   width_per_group: int = 64
   stem: str = "imagenet"
   precision: Any = None
+  grad_mesh: Any = None           # see Conv
 
   @nn.compact
   def __call__(self, x, train: bool, mask=None):
@@ -119,10 +129,12 @@ class ResNet(nn.Module):
                                   name=name)
     channels = self.base_width * self.width
     if self.stem == "cifar":
-      x = Conv(channels, 3, 1, self.dtype, precision=self.precision, name="conv1")(x.astype(self.dtype))
+      x = Conv(channels, 3, 1, self.dtype, precision=self.precision, grad_mesh=self.grad_mesh,
+               name="conv1")(x.astype(self.dtype))
       x = nn.relu(norm("bn1")(x, mask))
     else:
-      x = Conv(channels, 7, 2, self.dtype, precision=self.precision, name="conv1")(x.astype(self.dtype))
+      x = Conv(channels, 7, 2, self.dtype, precision=self.precision, grad_mesh=self.grad_mesh,
+               name="conv1")(x.astype(self.dtype))
       x = nn.relu(norm("bn1")(x, mask))
       x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     in_ch = channels
@@ -132,7 +144,8 @@ class ResNet(nn.Module):
       for i in range(n):
         stride = 2 if (stage > 0 and i == 0) else 1
         x = Block(planes, stride, bottleneck, i == 0 and (stride != 1 or in_ch != out_ch), norm, self.dtype,
-                  self.groups, self.width_per_group, self.precision, name=f"layer{stage + 1}_{i}")(x, mask)
+                  self.groups, self.width_per_group, self.precision, self.grad_mesh,
+                  name=f"layer{stage + 1}_{i}")(x, mask)
         in_ch = out_ch
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
@@ -155,12 +168,14 @@ class ProjectionHead(nn.Module):
   bn_momentum: float = 0.9
   bn_eps: float = 1e-5
   precision: Any = None
+  grad_mesh: Any = None           # see Conv
 
   @nn.compact
   def __call__(self, x, train: bool, mask=None):
     for i, d in enumerate(self.dims):
       x = nn.Dense(d, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=linear_init, precision=self.precision,
-                   bias_init=_torch_linear_bias_init(x.shape[-1]), name=f"linear{i}")(x)
+                   bias_init=_torch_linear_bias_init(x.shape[-1]), name=f"linear{i}",
+                   **weight_grads.layer_options("dense", self.dtype, self.grad_mesh))(x)
       if i < len(self.dims) - 1:
         if self.use_bn:
           x = BatchNorm(not train, self.bn_groups, self.bn_momentum, self.bn_eps, self.dtype,
@@ -197,13 +212,15 @@ class DCv2Model(nn.Module):
   width_per_group: int = 64
   stem: str = "imagenet"
   precision: Any = None
+  grad_mesh: Any = None           # see Conv
 
   def setup(self):
     bn = dict(bn_groups=self.bn_groups, bn_momentum=self.bn_momentum, bn_eps=self.bn_eps)
     self.trunk = ResNet(self.depth, self.width, self.base_width, self.dtype, groups=self.groups,
-                        width_per_group=self.width_per_group, stem=self.stem, precision=self.precision, **bn)
+                        width_per_group=self.width_per_group, stem=self.stem, precision=self.precision,
+                        grad_mesh=self.grad_mesh, **bn)
     self.head = ProjectionHead(tuple(self.head_dims), self.head_bn, self.head_relu, self.dtype,
-                               precision=self.precision, **bn)
+                               precision=self.precision, grad_mesh=self.grad_mesh, **bn)
 
   def __call__(self, crops, train: bool = True, mask=None):
     rows = lambda n: None if mask is None else jnp.repeat(mask, n)      # sample-major: each sample's n rows
@@ -234,12 +251,13 @@ def crops_per_trunk_pass(crops) -> list[int]:
   return [sum(int(g[1]) for g in run) for run in _equal_size_runs(list(crops), size=lambda g: int(g[0]))]
 
 
-def dcv2_model(config, bn_groups: int) -> DCv2Model:
-  """The DCv2Model of a (validated) config, BatchNorm statistics in `bn_groups` groups."""
+def dcv2_model(config, bn_groups: int, mesh=None) -> DCv2Model:
+  """The DCv2Model of a (validated) config, BatchNorm statistics in `bn_groups` groups, weight gradients summed
+  over `mesh` in float32 (model.grad_reduce_dtype=float32) or as XLA chooses (compute, or no mesh)."""
   m = config.model
   return DCv2Model(m.depth, m.width, m.base_width, tuple(m.head_dims), m.head_bn, m.head_relu,
                    DTYPES[m.dtype], bn_groups, m.bn_momentum, m.bn_eps, m.groups, m.width_per_group, m.stem,
-                   PRECISIONS[m.matmul_precision])
+                   PRECISIONS[m.matmul_precision], mesh if m.grad_reduce_dtype == "float32" else None)
 
 
 def trunk_arch(model_cfg) -> dict:

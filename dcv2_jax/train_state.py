@@ -64,17 +64,16 @@ class StepSpec:
     return self.compute_dtype == jnp.float16
 
 
-def make_spec(config, num_examples: int, steps_per_epoch: int, num_devices: int | None = None,
-              local_devices: int | None = None) -> StepSpec:
-  """The spec of a resolved, validated config (config.resolve, config.validate) for a mesh of num_devices
-  (default: all devices), local_devices of them on this process."""
-  num_devices = jax.device_count() if num_devices is None else num_devices
-  local_devices = jax.local_device_count() if local_devices is None else local_devices
+def make_spec(config, num_examples: int, steps_per_epoch: int, mesh) -> StepSpec:
+  """The spec of a resolved, validated config (config.resolve, config.validate) for the device `mesh` (which
+  may be an abstract one: the GPU compile check builds the spec for a topology of GPUs this machine lacks)."""
+  num_devices = mesh.devices.size
+  local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
   bn_groups = batchnorm.num_groups(config.model.sync_bn, config.batch_size, num_devices, local_devices)
   tx, schedule = optim.make_optimizer(config, steps_per_epoch)
   loss_cfg = config.loss
   return StepSpec(
-      model=models.dcv2_model(config, bn_groups), tx=tx, schedule=schedule, steps_per_epoch=steps_per_epoch,
+      model=models.dcv2_model(config, bn_groups, mesh), tx=tx, schedule=schedule, steps_per_epoch=steps_per_epoch,
       num_examples=num_examples, global_batch=config.batch_size,
       crop_groups=tuple((int(c[0]), int(c[1])) for c in config.data.crops),
       crops_for_mb=tuple(loss_cfg.crops_for_mb), num_clusters=tuple(loss_cfg.num_clusters),

@@ -129,7 +129,7 @@ def start_run(config, workdir: str, devices=None) -> Run:
       f.write(config.to_json_best_effort(indent=2))
 
   # --------------------------------------------------------------------- model and jitted steps
-  spec = make_spec(config, num_examples, steps_per_epoch, num_devices, local_devices)
+  spec = make_spec(config, num_examples, steps_per_epoch, mesh)
   logging.info("model: %s", batchnorm.describe_groups(config.model.sync_bn, config.batch_size, num_devices,
                                                       local_devices, models.crops_per_trunk_pass(config.data.crops)))
   return Run(config=config, workdir=workdir, mesh=mesh, spec=spec, steps=jit_epoch_steps(spec, mesh),
@@ -415,8 +415,9 @@ def explain_out_of_memory(error: Exception, config, num_devices: int) -> DeviceO
       f"{config.batch_size} on {num_devices} device(s), model.dtype={config.model.dtype}. Lower the batch per "
       f"device, e.g. --config.per_device_batch_size={max(1, per_device // 2)} (the published recipes use 64 per "
       f"GPU; the LR follows the global batch by the linear rule). A different global batch needs a new "
-      f"--workdir. If it ran out in k-means, lower --config.loss.kmeans_chunk instead. XLA said: "
-      f"{str(error)[:500]}")
+      f"--workdir. If it ran out in k-means, lower --config.loss.kmeans_chunk instead. The largest batch that fits "
+      f"a card, planned without a GPU: python -m dcv2_jax.bench compile --config <this config> --gpu "
+      f"a100-80gb,h100,h200 --devices {num_devices} --max_batch. XLA said: {str(error)[:500]}")
 
 
 # ------------------------------------------------------------------------------------ final evaluation

@@ -4,6 +4,8 @@ import json
 import pytest
 
 from dcv2_jax import bench
+from dcv2_jax.bench import kmeans as kmeans_bench
+from dcv2_jax.bench import recipe
 
 
 def test_step_bench_prints_figures(capsys):
@@ -48,14 +50,14 @@ def test_assign_bench_compares_kernel_with_xla(capsys):
 
 def test_a_failing_case_is_reported_and_the_rest_still_run(capsys, monkeypatch):
   """A case that fails (here the fused kernel, as a compiler could reject it) prints an error line; the next runs."""
-  real = bench.bench_kmeans
+  real = kmeans_bench.cluster_all_heads
 
   def rejects_the_kernel(*args):
     if args[-1] == "pallas":
       raise ValueError("the compiler rejected the kernel")
     return real(*args)
 
-  monkeypatch.setattr(bench, "bench_kmeans", rejects_the_kernel)
+  monkeypatch.setattr(kmeans_bench, "cluster_all_heads", rejects_the_kernel)
   bench.main(["kmeans", "--quick", "--kmeans_dtypes", "float32", "--kmeans_sums", "scatter",
               "--kmeans_assign", "pallas,xla"])
   lines = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
@@ -76,10 +78,21 @@ def test_bad_input_is_one_line_before_anything_runs(capsys):
 
 def test_recipe_bench_counts_the_step_flops_and_estimates_the_run(capsys):
   """bench recipe on the demo's config: XLA's FLOP count of its train step and the H100 estimate derived from it."""
-  (r,) = bench.main(["recipe", "--config", "configs/digits.py"])
+  (r,) = bench.main(["recipe", "--config", "configs/digits.py", "--gpus", ""])
   assert r["batch"] == 64 and r["crops"] == "2x32" and r["steps_per_epoch"] == 1438 // 64
   # ResNet-18 at quarter width on 64 x 2 crops of 32 px: forward ~0.0035 GFLOP a crop, x3 for training.
   assert 0.5 < r["train_gflop_per_step"] < 3
-  rate = bench.H100_ANCHOR_IMG_PER_S * bench.XLA_GFLOP_PER_IMAGE_RN50
+  rate = recipe.H100_ANCHOR_IMG_PER_S * recipe.XLA_GFLOP_PER_IMAGE_RN50
   assert abs(r["h100_estimate_step_ms"] - r["train_gflop_per_step"] / rate * 1e3) < 0.01
   assert '"bench": "recipe"' in capsys.readouterr().out
+
+
+def test_grad_sum_bench_shows_bfloat16_sums_lose_what_float32_sums_keep(capsys):
+  """The measurement behind model.grad_reduce_dtype=float32: the devices' gradients of the real DCv2 loss summed in
+  float32 are exact to float32 rounding; summed in bfloat16 (ring or tree) they are off by a fraction of a percent."""
+  (r,) = bench.main(["grad_sum", "--devices", "8"])
+  err = r["relative_error"]
+  assert err["float32"]["max"] < 1e-6
+  for way in ("bf16_ring", "bf16_tree"):
+    assert 1e-4 < err[way]["all"] < 0.05 and err[way]["median"] > 1e3 * err["float32"]["max"]
+  assert '"bench": "grad_sum"' in capsys.readouterr().out

@@ -221,7 +221,7 @@ def test_pallas_falls_back_to_xla_where_the_kernel_cannot_run(monkeypatch, caplo
   bank = blobs(rng, 96, 8, 4)
   init = bank[:5]
   want = kmeans.lloyd(jnp.asarray(bank), jnp.asarray(init), 3, settings=KMeansSettings(assign="xla"))
-  monkeypatch.setattr(kmeans_kernel, "unavailable_reason", lambda: "this JAX has no Pallas Triton backend")
+  monkeypatch.setattr(kmeans_kernel, "unavailable_reason", lambda platform=None: "this JAX has no Pallas Triton backend")
   monkeypatch.setattr(kmeans_kernel, "nearest", lambda *a, **k: pytest.fail("the fused kernel was called"))
   kmeans._warn_no_fused_kernel.cache_clear()
   with caplog.at_level("WARNING"):

@@ -34,7 +34,7 @@ def compiled(num_devices: int, dtype: str = "float32", loss_scale: float = 2.0 *
   c.optim.loss_scale = loss_scale
   devices = jax.devices()[:num_devices]
   mesh = make_mesh(devices)
-  spec = make_spec(c, N, STEPS, num_devices=num_devices, local_devices=num_devices)
+  spec = make_spec(c, N, STEPS, mesh)
   return mesh, spec, jit_epoch_steps(spec, mesh)
 
 
@@ -125,7 +125,7 @@ def test_bank_init_pass_then_kmeans_then_step():
   # The fused assignment kernel (loss.kmeans_assign=pallas, run per device) gives the same clustering.
   c = tiny_config()
   c.loss.kmeans_assign = "pallas"
-  fused = jit_epoch_steps(make_spec(c, N, STEPS, num_devices=8, local_devices=8), mesh)
+  fused = jit_epoch_steps(make_spec(c, N, STEPS, mesh), mesh)
   fused_state, fused_sizes = fused.kmeans(jax.tree.map(jnp.copy, state), jax.random.key(1))
   state, sizes = comp.kmeans(state, jax.random.key(1))
   table = np.asarray(state.table)
@@ -172,7 +172,7 @@ def test_a_batch_with_bad_rows_equals_the_batch_without_them():
   of the same batch with those samples left out."""
   c = tiny_config()
   c.data.crops = ((16, 2, 0.2, 1.0),)
-  spec = make_spec(c, N, STEPS, num_devices=1, local_devices=1)
+  spec = make_spec(c, N, STEPS, make_mesh(jax.devices()[:1]))
   variables = jax.jit(lambda k: spec.model.init(k, [jnp.zeros((1, 1, 16, 16, 3))], train=True))(jax.random.key(0))
   rng = np.random.default_rng(6)
   crops = rng.integers(0, 256, (B, 2, 16, 16, 3), dtype=np.uint8)
@@ -212,7 +212,7 @@ def test_model_matmul_precision_reaches_every_conv_and_dense(precision):
   c = tiny_config()
   c.model.matmul_precision = precision
   c.model.groups, c.model.width_per_group, c.model.depth = 1, 64, 18
-  spec = make_spec(c, N, STEPS, num_devices=1, local_devices=1)
+  spec = make_spec(c, N, STEPS, make_mesh(jax.devices()[:1]))
   x = [jnp.zeros((2, 1, 16, 16, 3))]
   variables = jax.eval_shape(lambda: spec.model.init(jax.random.key(0), x, train=True))
   text = jax.jit(lambda v, x: spec.model.apply(v, x, train=False)).lower(variables, x).as_text()

@@ -139,6 +139,8 @@ def test_out_of_device_memory_says_what_to_lower(tmp_path, monkeypatch):
   with pytest.raises(DeviceOutOfMemory, match=r"8 samples \(2x16 crops each\) per device: global batch 64 on 8") as e:
     train_and_evaluate(small_config(), str(tmp_path / "oom"))
   assert "--config.per_device_batch_size=4" in str(e.value) and "68719476736 bytes" in str(e.value)
+  assert "python -m dcv2_jax.bench compile --config <this config> --gpu a100-80gb,h100,h200 --devices 8 --max_batch" \
+      in str(e.value)       # the planner, which finds the largest batch that fits without a GPU
 
   monkeypatch.setattr(epoch_steps, "bank_init_step", lambda *a: (_ for _ in ()).throw(KeyError("other")))
   with pytest.raises(KeyError, match="other"):

@@ -37,6 +37,13 @@ def crop_groups(crops) -> tuple[tuple[int, int, float, float], ...]:
   return tuple((int(c[0]), int(c[1]), float(c[2]), float(c[3])) for c in crops)
 
 
+def train_batch_shapes(crops, batch: int) -> dict:
+  """What a training batch of `batch` samples holds for the train step: {name: (shape, numpy dtype)}, 'crops' a
+  list with one entry per crop group (`crop_groups`)."""
+  return dict(crops=[((batch, int(count), int(size), int(size), 3), np.uint8) for size, count, *_ in crops],
+              index=((batch,), np.int32), label=((batch,), np.int32))
+
+
 def _plain_augment_cfg(cfg) -> dict:
   # A plain dict pickles cheaply into the workers and does not need ml_collections there.
   keys = ("flip_p", "jitter_p", "jitter", "jitter_order", "grayscale_p", "blur_p", "blur_sigma", "blur_kernel_size",
@@ -99,9 +106,10 @@ class TrainBatchLoader:
     indices = self.local_indices(epoch)[step]
     crop_epoch = epoch if self.crop_epoch is None else self.crop_epoch
     n = self.local_batch
-    crops = [np.zeros((n, count, size, size, 3), np.uint8) for size, count, _, _ in self.crops]
-    index = np.full((n,), -1, np.int32)
-    label = np.full((n,), -1, np.int32)
+    shapes = train_batch_shapes(self.crops, n)
+    crops = [np.zeros(shape, dtype) for shape, dtype in shapes["crops"]]
+    index = np.full(shapes["index"][0], -1, shapes["index"][1])
+    label = np.full(shapes["label"][0], -1, shapes["label"][1])
     bad_index = np.full((n,), -1, np.int32)
     bad_reason = np.full((n,), "", dtype=f"<U{_REASON_CHARS}")
     for row, i in enumerate(indices):

@@ -26,9 +26,9 @@ def pad_rows(x: np.ndarray, n: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=16)
-def _forward(apply_fn: Callable, mean: tuple, std: tuple, mesh):
-  """The jitted, normalising forward of a batch; cached, so that a run's repeated evaluations (the live kNN)
-  compile it once."""
+def forward_program(apply_fn: Callable, mean: tuple, std: tuple, mesh):
+  """The jitted, normalising forward of a batch (image uint8, label, index, valid -> features, label, index,
+  valid); cached, so that a run's repeated evaluations (the live kNN) compile it once."""
   mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
 
   def forward(variables, image, label, index, valid):
@@ -51,7 +51,7 @@ def extract_features(apply_fn: Callable, variables, batches: Iterable[dict], mes
   mesh = shd.make_mesh() if mesh is None else mesh
   # A process feeds rows to its own devices only: pad its rows to a multiple of them.
   local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
-  fwd = _forward(apply_fn, tuple(float(v) for v in mean), tuple(float(v) for v in std), mesh)
+  fwd = forward_program(apply_fn, tuple(float(v) for v in mean), tuple(float(v) for v in std), mesh)
   variables = jax.device_put(variables, shd.replicated(mesh))
   if total is None and hasattr(batches, "__len__"):
     total = len(batches)

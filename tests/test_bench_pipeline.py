@@ -1,7 +1,7 @@
 """The input-pipeline benchmark runs at tiny size and prints one parseable JSON line per case."""
 import json
 
-from dcv2_jax.data import benchmark
+from dcv2_jax.bench import pipeline as benchmark
 
 
 def test_benchmark_quick_prints_json(capsys):

@@ -1,7 +1,7 @@
-"""CPU cost of the input pipeline per sample: how many cores feed one accelerator.
+"""`python -m dcv2_jax.bench pipeline`: CPU cost of the input pipeline per sample: how many cores feed one accelerator.
 
-    python -m dcv2_jax.data.benchmark                 # 2x224 and 2x224+6x96, host vs device colour ops
-    python -m dcv2_jax.data.benchmark --quick         # tiny run (tests)
+    python -m dcv2_jax.bench pipeline                 # 2x224 and 2x224+6x96, host vs device colour ops
+    python -m dcv2_jax.bench pipeline --quick         # tiny run (tests)
 
 Writes a temporary folder of 500x375 JPEGs (~80 KB, smooth colour fields with texture and edges, like
 photos) and runs the real Pipeline in the main process, synchronously (num_workers=0, no threads), so
@@ -112,7 +112,7 @@ def run_case(root: str, case: str, mode: str, samples: int, batch: int) -> dict:
 
 
 def main(argv=None) -> list[dict]:
-  ap = argparse.ArgumentParser(prog="python -m dcv2_jax.data.benchmark", description=__doc__,
+  ap = argparse.ArgumentParser(prog="python -m dcv2_jax.bench pipeline", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--cases", default="decode,2x224,2x224+6x96",
                   help=f"comma-separated: decode and/or {', '.join(CROPS)}")

@@ -1,0 +1,252 @@
+"""`python -m dcv2_jax.bench compile`: a run's programs compiled by XLA's CUDA compiler for GPUs this machine does
+not have (deviceless ahead-of-time compilation, `jax.experimental.topologies`).
+
+It answers most of what a first GPU run would, without one: does every program compile for the card (cuDNN
+convolutions, Triton fusions, the Pallas k-means kernel, collectives), does it fit the card's memory, which
+collectives does it send and in what dtype, and how many FLOPs and bytes does it move per 224 image next to a
+plain Flax ResNet-50 step (bench/baseline.py). Compiled is not run: nothing here is a timing.
+
+    python -m dcv2_jax.bench compile --config configs/dcv2_2crops.py --gpu h100 --devices 8
+    python -m dcv2_jax.bench compile --config configs/dcv2_2crops.py --gpu a100-80gb,h100,h200 --devices 1 --max_batch
+
+One JSON line per program and card (or the error's first line). Memory is per device: what the program needs
+(`total`: arguments + outputs - donated + temporaries) plus what the trainer holds on the device beside it
+(`held`: the prefetched batches of the train step, the train state during an evaluation), against the budget
+`distributed.DEVICE_MEMORY_FRACTION` of the card (what train.py lets XLA claim; the rest is the CUDA context's).
+"""
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dcv2_jax import config as config_lib
+from dcv2_jax import distributed, models
+from dcv2_jax.bench import baseline, gpu_targets, program_stats, run_programs
+from dcv2_jax.bench.report import GIB, emit
+from dcv2_jax.evaluation import features, protocol
+from dcv2_jax.sharding import batch_sharded, replicated
+from dcv2_jax.train_state import trunk_variables
+
+PROGRAMS = ("supervised_step", "train_step", "bank_init_step", "kmeans_xla", "kmeans_pallas", "eval_forward")
+PREFETCHED_BATCHES = 2      # data.device_prefetch's queue: batches on the device beside the one in the step
+BATCH_QUANTUM = 8           # the planner's per-device batches are multiples of this
+
+
+def config_for_devices(config, num_devices: int, per_device_batch: int = 0) -> tuple[ml_collections.ConfigDict, list]:
+  """The config at `per_device_batch` per device (0: the config's own global batch split over the devices), and
+  notes. BatchNorm groups of model.sync_bn.samples that cannot be met at that batch become one group per device
+  (the grouping changes the statistics, not the memory or the compute)."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  notes = []
+  if per_device_batch > 0:
+    config.batch_size, config.per_device_batch_size = per_device_batch * num_devices, 0
+  samples, per_device = config.model.sync_bn.samples, config.batch_size // num_devices
+  if samples and config_lib.sample_group_problems(samples, config.batch_size, num_devices):
+    config.model.sync_bn.samples = per_device
+    notes.append(f"model.sync_bn.samples {samples} -> {per_device} (one group per device at this batch)")
+  return config, notes
+
+
+def images224(config, per_device: int) -> float:
+  """A step's images per device, weighted by (size / 224)^2: comparable with a supervised 224 px image."""
+  return per_device * sum(int(n) * (int(s) / 224) ** 2 for s, n, *_ in config.data.crops)
+
+
+def _per_device_bytes(tree, num_devices: int) -> int:
+  """Bytes a device holds of abstract arrays: a sharded array's share, a replicated array whole."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    n = int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+    total += n // num_devices if x.sharding.spec and any(x.sharding.spec) else n
+  return total
+
+
+# ------------------------------------------------------------------------------------------ the programs
+
+def lower(name: str, programs: run_programs.RunPrograms):
+  """(lowered program, 224 px images per device (None where no images are trained), bytes the trainer holds on
+  each device beside the program) for one of PROGRAMS."""
+  config, mesh = programs.config, programs.mesh
+  n = mesh.devices.size
+  per_device = config.batch_size // n
+  if name == "supervised_step":
+    init, step = baseline.supervised_step(50, 64, jnp.bfloat16)
+    images = jax.ShapeDtypeStruct((2 * per_device * n, 224, 224, 3), jnp.float32, sharding=batch_sharded(mesh))
+    labels = jax.ShapeDtypeStruct((2 * per_device * n,), jnp.int32, sharding=batch_sharded(mesh))
+    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(mesh)),
+                         jax.eval_shape(init, jax.random.key(0), images))
+    return jax.jit(step, donate_argnums=0).lower(state, images, labels), 2.0 * per_device, 0
+  state = run_programs.abstract_state(programs)
+  batch = run_programs.abstract_batch(programs)
+  if name == "train_step":
+    return (programs.steps.train.lower(state, batch), images224(config, per_device),
+            PREFETCHED_BATCHES * _per_device_bytes(batch, n))
+  if name == "bank_init_step":
+    batch.pop("stop")                         # the bank's pass is not tagged for preemption (trainer.py)
+    slot = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh))
+    return programs.steps.bank_init.lower(state, batch, slot), None, PREFETCHED_BATCHES * _per_device_bytes(batch, n)
+  if name in ("kmeans_xla", "kmeans_pallas"):
+    # The Pallas kernel lowers only inside an abstract GPU mesh when no GPU is attached.
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return programs.steps.kmeans.lower(state, run_programs.abstract_key(mesh)), None, 0
+  if name == "eval_forward":
+    size, _ = config_lib.eval_view(config.data)
+    rows = -(-protocol.fast_protocol().extract_batch_size // n) * n
+    sharded = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharded(mesh))
+    apply_fn = models.trunk_apply_fn(**models.trunk_arch(config.model))
+    forward = features.forward_program(apply_fn, config_lib.normalization(config)[0],
+                                       config_lib.normalization(config)[1], mesh)
+    return (forward.lower(trunk_variables(state), sharded((rows, size, size, 3), jnp.uint8),
+                          sharded((rows,), jnp.int32), sharded((rows,), jnp.int32), sharded((rows,), jnp.bool_)),
+            None, _per_device_bytes(state, n))
+  raise ValueError(f"unknown program {name!r}; choose from {', '.join(PROGRAMS)}")
+
+
+def compile_one(name: str, programs: run_programs.RunPrograms, gpu_name: str) -> dict:
+  """Compiles one program for the mesh's GPUs: what it holds and needs (program_stats.read), its memory against
+  the card's budget, and its FLOPs and bytes per 224 px image."""
+  t0 = time.perf_counter()
+  lowered, images, held = lower(name, programs)
+  compiled = lowered.compile()
+  stats = program_stats.read(compiled)
+  budget = gpu_targets.GPUS[gpu_name].memory_bytes * distributed.DEVICE_MEMORY_FRACTION
+  mem = stats.pop("memory")
+  peak = mem["total"] + held
+  record = {"compiled": True, "compile_s": round(time.perf_counter() - t0, 1),
+            "memory_gib": {k: round(v / GIB, 2) for k, v in dict(mem, held=held, peak=peak).items()},
+            "budget_gib": round(budget / GIB, 1), "fits": bool(peak <= budget),
+            "headroom_gib": round((budget - peak) / GIB, 2),
+            "collectives": {k: {"count": v["count"], "mb": round(v["bytes"] / 2 ** 20, 1)}
+                            for k, v in stats.pop("collectives").items()},
+            **{k: stats[k] for k in ("cudnn_convolutions", "pallas_kernels", "triton_fusions")},
+            "gflops": round(stats["flops"] / 1e9, 1), "gbytes_accessed": round(stats["bytes_accessed"] / 1e9, 2)}
+  if images:
+    record["gflops_per_image224"] = round(stats["flops"] / images / 1e9, 2)
+    record["mbytes_per_image224"] = round(stats["bytes_accessed"] / images / 1e6, 1)
+  return record
+
+
+@functools.lru_cache(maxsize=None)
+def _mesh(gpu_name: str, num_devices: int):
+  return gpu_targets.mesh(gpu_name, num_devices)
+
+
+def programs_for(config, gpu_name: str, num_devices: int, num_examples: int, kmeans_assign: str | None = None):
+  """RunPrograms of `config` (already at its per-device batch: config_for_devices) on num_devices of the GPU."""
+  if kmeans_assign is not None:
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.loss.kmeans_assign = kmeans_assign
+  return run_programs.build(config, _mesh(gpu_name, num_devices), num_examples)
+
+
+def check(config, config_name: str, gpu_name: str, num_devices: int, per_device_batch: int, num_examples: int,
+          programs=PROGRAMS) -> list[dict]:
+  """One record per program of `programs`, compiled for num_devices x gpu_name (see the module doc)."""
+  config, notes = config_for_devices(config, num_devices, per_device_batch)
+  common = {"bench": "compile", "gpu": gpu_name, "devices": num_devices, "config": config_name,
+            "per_device_batch": config.batch_size // num_devices, "num_examples": num_examples,
+            "dtype": config.model.dtype, "grad_reduce_dtype": config.model.grad_reduce_dtype,
+            **({"notes": notes} if notes else {})}
+  out, supervised = [], None
+  for name in [p for p in PROGRAMS if p in programs]:
+    assign = name.split("_")[1] if name.startswith("kmeans_") else None
+
+    def one():
+      return compile_one(name, programs_for(config, gpu_name, num_devices, num_examples, assign), gpu_name)
+
+    record = {**common, "program": name}
+    try:
+      record.update(one())
+    except Exception as e:  # pylint: disable=broad-except  (one program that does not compile: say so, go on)
+      record.update(compiled=False, error=f"{type(e).__name__}: {' '.join(str(e).split())[:400]}")
+    if name == "supervised_step" and record["compiled"]:
+      supervised = record
+    elif supervised is not None and "gflops_per_image224" in record:
+      record["vs_supervised"] = {
+          "flops": round(record["gflops_per_image224"] / supervised["gflops_per_image224"], 3),
+          "bytes": round(record["mbytes_per_image224"] / supervised["mbytes_per_image224"], 3)}
+    out.append(record)
+  return out
+
+
+# ------------------------------------------------------------------------------------------ the planner
+
+def train_step_peak(config, gpu_name: str, num_devices: int, per_device_batch: int, num_examples: int) -> dict:
+  config, _ = config_for_devices(config, num_devices, per_device_batch)
+  record = compile_one("train_step", programs_for(config, gpu_name, num_devices, num_examples), gpu_name)
+  return {"batch": per_device_batch, "peak": record["memory_gib"]["peak"] * GIB, "fits": record["fits"]}
+
+
+def max_batch(config, config_name: str, gpu_name: str, num_devices: int, num_examples: int, start: int = 0,
+              max_tries: int = 4) -> dict:
+  """The largest per-device batch (a multiple of BATCH_QUANTUM) whose train step fits the card. A step's peak
+  memory is affine in the batch (the state does not grow with it, the activations do): two compiles give the
+  line, a compile at the predicted batch confirms it, and a miss refits with that point (up to max_tries)."""
+  budget = gpu_targets.GPUS[gpu_name].memory_bytes * distributed.DEVICE_MEMORY_FRACTION
+  b0 = max(BATCH_QUANTUM, start or (config.batch_size // num_devices if not config.per_device_batch_size
+                                    else config.per_device_batch_size))
+  b0 = b0 // BATCH_QUANTUM * BATCH_QUANTUM
+  points = [train_step_peak(config, gpu_name, num_devices, b, num_examples) for b in (b0, 2 * b0)]
+  best = max((p for p in points if p["fits"]), key=lambda p: p["batch"], default=None)
+  for _ in range(max_tries):
+    (b1, m1), (b2, m2) = sorted(((p["batch"], p["peak"]) for p in points))[-2:]
+    per_sample = (m2 - m1) / (b2 - b1)
+    guess = int((budget - (m1 - per_sample * b1)) / per_sample) // BATCH_QUANTUM * BATCH_QUANTUM
+    if guess < BATCH_QUANTUM or any(p["batch"] == guess for p in points):
+      break
+    point = train_step_peak(config, gpu_name, num_devices, guess, num_examples)
+    points.append(point)
+    if point["fits"]:
+      best = point if best is None or point["batch"] > best["batch"] else best
+      break
+  return {"bench": "compile", "program": "train_step", "plan": "max_batch", "gpu": gpu_name, "devices": num_devices,
+          "config": config_name, "max_per_device_batch": best["batch"] if best else 0,
+          "peak_gib": round(best["peak"] / GIB, 2) if best else None, "budget_gib": round(budget / GIB, 1),
+          "gib_per_sample": round(per_sample / GIB, 4), "fixed_gib": round((m1 - per_sample * b1) / GIB, 2),
+          "compiles": len(points), "batches_tried": sorted(p["batch"] for p in points)}
+
+
+def add_arguments(parser) -> None:
+  parser.add_argument("--config", required=True, help="the run's config (configs/*.py, optionally file.py:arg)")
+  parser.add_argument("--gpu", default="h100", help=f"comma-separated of {', '.join(gpu_targets.GPUS)}")
+  parser.add_argument("--devices", default="8", help="comma-separated GPU counts (one host each)")
+  parser.add_argument("--per_device_batch", type=int, default=0,
+                      help="samples per GPU (default: the config's global batch over the devices)")
+  parser.add_argument("--num_examples", type=int, default=0, help="training samples (default: known dataset sizes)")
+  parser.add_argument("--programs", default=",".join(PROGRAMS), help=f"comma-separated of {', '.join(PROGRAMS)}")
+  parser.add_argument("--max_batch", action="store_true",
+                      help="the memory planner: the largest per-device batch whose train step fits each card")
+
+
+def run(args) -> list[dict]:
+  from dcv2_jax import cli  # pylint: disable=g-import-not-at-top
+  gpus = [g for g in args.gpu.split(",") if g]
+  unknown = [g for g in gpus if g not in gpu_targets.GPUS]
+  programs = [p for p in args.programs.split(",") if p]
+  if unknown or not gpus:
+    raise cli.UsageError(f"--gpu: unknown {', '.join(unknown) or '(none)'}; choose from {', '.join(gpu_targets.GPUS)}")
+  if any(p not in PROGRAMS for p in programs):
+    raise cli.UsageError(f"--programs: choose from {', '.join(PROGRAMS)}")
+  try:
+    counts = [int(d) for d in args.devices.split(",") if d]
+  except ValueError:
+    counts = []
+  if not counts or min(counts) < 1:
+    raise cli.UsageError(f"--devices {args.devices}: give GPU counts >= 1, e.g. 1,8")
+  gpu_targets.toolkit_versions()                # no CUDA compiler: one line saying what to install
+  config = config_lib.load_file(args.config)
+  num_examples = run_programs.dataset_size(config, args.num_examples)
+  out = []
+  for gpu_name in gpus:
+    for n in counts:
+      if args.max_batch:
+        out.append(emit(max_batch(config, args.config, gpu_name, n, num_examples, args.per_device_batch)))
+      else:
+        out += [emit(r) for r in check(config, args.config, gpu_name, n, args.per_device_batch, num_examples,
+                                       programs)]
+  return out
