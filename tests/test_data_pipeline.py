@@ -2,8 +2,10 @@
 bad files, evaluation batches and device prefetch."""
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -187,7 +189,8 @@ def test_worker_processes_give_identical_batches(tmp_path):
 
 # A process that reads an image folder (argv[1]) with grain workers, then ends as argv[2] says: "end" (two
 # epochs and an evaluation pass to their ends), "sigterm" (SIGTERM mid-epoch, handled like the trainer's
-# preemption: exit 143 through the pipeline's close, an evaluation loop left unfinished and unclosed).
+# preemption: exit 143 through the pipeline's close, an evaluation loop left unfinished and unclosed), "hold"
+# (one batch, then waits to be killed).
 WORKERS_SCRIPT = r"""
 import os, signal, sys, time
 from dcv2_jax import config as config_lib
@@ -212,6 +215,10 @@ if __name__ == "__main__":
         if step == 1:
           time.sleep(1)     # the workers reach the end of these short streams: their last batches wait unread
           os.kill(os.getpid(), signal.SIGTERM)
+  else:
+    next(Pipeline(cfg, 0, 1).iterate(0))
+    print("ready", flush=True)
+    time.sleep(600)
 """
 
 
@@ -231,6 +238,53 @@ def test_grain_workers_leave_no_shared_memory_behind(tmp_path, ending, returncod
   assert proc.returncode == returncode, err[-3000:]
   assert out.strip() == printed
   assert "leaked shared_memory" not in err, err[-3000:]
+
+
+def child_processes(pid: int) -> dict[int, str]:
+  """The processes whose parent is `pid`: process id -> start time (what tells a reused process id apart)."""
+  children = {}
+  for entry in os.listdir("/proc"):
+    try:
+      with open(f"/proc/{entry}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):   # not a process, or one that has just ended
+      continue
+    if int(fields[1]) == pid:
+      children[int(entry)] = fields[19]
+  return children
+
+
+def running(pid: int, start_time: str) -> bool:
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      fields = f.read().rsplit(")", 1)[1].split()
+  except OSError:
+    return False
+  return fields[19] == start_time and fields[0] != "Z"   # a zombie holds no memory, only its exit status
+
+
+def test_grain_workers_end_when_their_process_is_killed(tmp_path):
+  """A process killed by SIGKILL (the kernel's out-of-memory killer) takes its grain workers with it; they do
+  not live on as orphans holding memory. Its resource tracker, which waited for them, ends as well."""
+  proc = start_workers_script(jpeg_folder(tmp_path, 40), "hold", stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL)
+  children = {}
+  try:
+    assert proc.stdout.readline().strip() == "ready"
+    children = child_processes(proc.pid)
+    workers = [pid for pid in children if "spawn_main" in open(f"/proc/{pid}/cmdline").read()]
+    assert len(workers) == 2 and len(children) == 3        # and the resource tracker
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 10
+    while any(running(pid, start) for pid, start in children.items()) and time.time() < deadline:
+      time.sleep(0.1)
+    assert not [pid for pid, start in children.items() if running(pid, start)]
+  finally:
+    proc.kill()
+    for pid, start in children.items():   # a failed run must not leave orphans behind on the test machine
+      if running(pid, start):
+        os.kill(pid, signal.SIGKILL)
 
 
 def test_eval_batches_contiguous_shares_padded():

@@ -20,6 +20,8 @@ import copy
 import gc
 import logging
 import math
+import multiprocessing
+import os
 import threading
 import weakref
 from typing import Iterator
@@ -137,6 +139,28 @@ class TrainBatchLoader:
     return groups
 
 
+def _exit_with_parent(worker_index: int, worker_count: int) -> None:
+  """grain worker initializer: the worker ends when the process that started it dies.
+
+  Without it, a worker blocked on its full output queue outlives a trainer killed by SIGKILL (the kernel's
+  out-of-memory killer), adopted by init, holding its memory; and the trainer's resource tracker, which unlinks
+  the shared memory left behind once every process it serves has gone, waits for it too. Linux's
+  PR_SET_PDEATHSIG would not do: it fires when the *thread* that started the worker ends, and grain starts its
+  workers from helper threads. multiprocessing's parent sentinel (a pipe whose write end only the parent
+  process holds) reports the end of the parent process itself.
+  """
+  del worker_index, worker_count
+  parent = multiprocessing.parent_process()
+  if parent is None:   # not started by multiprocessing (grain's thread fallback on free-threaded Python)
+    return
+
+  def exit_when_parent_ends():
+    parent.join()      # returns once the parent has exited (or dropped this worker without stopping it)
+    os._exit(1)        # at once: a clean exit could block, flushing a queue into a pipe that nobody reads
+
+  threading.Thread(target=exit_when_parent_ends, name="exit-with-parent", daemon=True).start()
+
+
 def _unlink_shared_memory(batch: dict) -> None:
   """Removes the shared-memory names of a batch that came from a grain worker; its arrays stay valid here.
 
@@ -209,7 +233,8 @@ def _grain_iterator(loader, first: int, stop: int, num_workers: int, threads: in
     # In a worker, one batch in flight per thread is enough; the worker's output buffer does the rest.
     read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(1, threads))
     it_ds = ds.to_iter_dataset(read).mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=max(1, prefetch)))
+        grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=max(1, prefetch)),
+        worker_init_fn=_exit_with_parent)
     it = iter(it_ds)
     _open_grain_iterators.add(it)
     return it
