@@ -2,6 +2,10 @@
 bad files, evaluation batches and device prefetch."""
 import logging
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -12,6 +16,7 @@ from dcv2_jax import augment, config as config_lib, sharding
 from dcv2_jax.data import Pipeline, device_prefetch, eval_batches, transforms
 
 CROPS = ((24, 2, 0.14, 1.0), (12, 3, 0.05, 0.14))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_config(**data):
@@ -180,6 +185,106 @@ def test_worker_processes_give_identical_batches(tmp_path):
   assert_batches_equal(runs[0], runs[1])
   assert_batches_equal(runs[0], runs[2])
   assert sum((b["index"] == -1).sum() for b in runs[0]) in (1, 2)  # broken.jpg once per epoch unless dropped
+
+
+# A process that reads an image folder (argv[1]) with grain workers, then ends as argv[2] says: "end" (two
+# epochs and an evaluation pass to their ends), "sigterm" (SIGTERM mid-epoch, handled like the trainer's
+# preemption: exit 143 through the pipeline's close, an evaluation loop left unfinished and unclosed), "hold"
+# (one batch, then waits to be killed).
+WORKERS_SCRIPT = r"""
+import os, signal, sys, time
+from dcv2_jax import config as config_lib
+from dcv2_jax.data import Pipeline, eval_batches
+
+if __name__ == "__main__":
+  root, ending = sys.argv[1:]
+  cfg = config_lib.base_config()
+  cfg.data.source, cfg.data.path, cfg.data.crops = "image_folder", root, ((16, 2, 0.4, 1.0),)
+  cfg.data.num_workers, cfg.data.prefetch, cfg.batch_size, cfg.num_epochs = 2, 4, 8, 2
+  if ending == "end":
+    with Pipeline(cfg, 0, 1) as p:
+      steps = sum(1 for epoch in (0, 1) for _ in p.iterate(epoch))
+    print(steps, sum(1 for _ in eval_batches(cfg.data, "train", 8, 16, 0, 1)), flush=True)
+  elif ending == "sigterm":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    unfinished = eval_batches(cfg.data, "train", 4, 16, 0, 1)
+    next(unfinished)
+    with Pipeline(cfg, 0, 1) as p:
+      for step, _ in enumerate(p.iterate(0)):
+        print(step, flush=True)
+        if step == 1:
+          time.sleep(1)     # the workers reach the end of these short streams: their last batches wait unread
+          os.kill(os.getpid(), signal.SIGTERM)
+  else:
+    next(Pipeline(cfg, 0, 1).iterate(0))
+    print("ready", flush=True)
+    time.sleep(600)
+"""
+
+
+def start_workers_script(root, ending, **kwargs):
+  return subprocess.Popen([sys.executable, "-c", WORKERS_SCRIPT, root, ending], env=dict(os.environ, PYTHONPATH=REPO),
+                          text=True, **kwargs)
+
+
+@pytest.mark.parametrize("ending,returncode,printed", [("end", 0, "10 5"), ("sigterm", 143, "0\n1")])
+def test_grain_workers_leave_no_shared_memory_behind(tmp_path, ending, returncode, printed):
+  """Batches come from the workers through POSIX shared memory; however the process ends (its streams run out,
+  or SIGTERM mid-epoch with prefetched batches unread and an iterator left open), it unlinks every segment
+  before exit, so Python's resource tracker finds none to clean up (it warns of them on stderr)."""
+  root = jpeg_folder(tmp_path, 40)
+  proc = start_workers_script(root, ending, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == returncode, err[-3000:]
+  assert out.strip() == printed
+  assert "leaked shared_memory" not in err, err[-3000:]
+
+
+def child_processes(pid: int) -> dict[int, str]:
+  """The processes whose parent is `pid`: process id -> start time (what tells a reused process id apart)."""
+  children = {}
+  for entry in os.listdir("/proc"):
+    try:
+      with open(f"/proc/{entry}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):   # not a process, or one that has just ended
+      continue
+    if int(fields[1]) == pid:
+      children[int(entry)] = fields[19]
+  return children
+
+
+def running(pid: int, start_time: str) -> bool:
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      fields = f.read().rsplit(")", 1)[1].split()
+  except OSError:
+    return False
+  return fields[19] == start_time and fields[0] != "Z"   # a zombie holds no memory, only its exit status
+
+
+def test_grain_workers_end_when_their_process_is_killed(tmp_path):
+  """A process killed by SIGKILL (the kernel's out-of-memory killer) takes its grain workers with it; they do
+  not live on as orphans holding memory. Its resource tracker, which waited for them, ends as well."""
+  proc = start_workers_script(jpeg_folder(tmp_path, 40), "hold", stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL)
+  children = {}
+  try:
+    assert proc.stdout.readline().strip() == "ready"
+    children = child_processes(proc.pid)
+    workers = [pid for pid in children if "spawn_main" in open(f"/proc/{pid}/cmdline").read()]
+    assert len(workers) == 2 and len(children) == 3        # and the resource tracker
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 10
+    while any(running(pid, start) for pid, start in children.items()) and time.time() < deadline:
+      time.sleep(0.1)
+    assert not [pid for pid, start in children.items() if running(pid, start)]
+  finally:
+    proc.kill()
+    for pid, start in children.items():   # a failed run must not leave orphans behind on the test machine
+      if running(pid, start):
+        os.kill(pid, signal.SIGKILL)
 
 
 def test_eval_batches_contiguous_shares_padded():
