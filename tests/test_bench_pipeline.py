@@ -20,3 +20,11 @@ def test_benchmark_natural_jpeg_size():
   import numpy as np
   sizes = [len(benchmark.natural_jpeg(np.random.default_rng(i), 500, 375)) / 1024 for i in range(3)]
   assert 60 < np.mean(sizes) < 100  # about 80 KB, like an ImageNet photo
+
+
+def test_benchmark_runs_each_case_with_each_decoder():
+  from dcv2_jax.data import sources
+  results = benchmark.main(["--quick", "--cases", "decode,2x224", "--modes", "device", "--decoders", "simplejpeg,pil"])
+  assert [(r["case"], r["decoder"]) for r in results] == [
+      ("decode", "simplejpeg"), ("decode", "pil"), ("2x224", "simplejpeg"), ("2x224", "pil")]
+  assert sources.FAST_JPEG   # the switch is put back

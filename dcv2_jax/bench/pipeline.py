@@ -9,6 +9,8 @@ CPU time / samples is the cost on one core. Prints one JSON line per case:
   case: decode (decode only), or crop groups as SIZExCOUNT joined by '+'
   mode: host = colour ops on the CPU (augment.where='host'), device = crops only (colour ops left for the
         accelerator), '-' for decode
+  decoder: simplejpeg = sources.decode_image as it is (simplejpeg for the JPEGs it takes, PIL for the rest),
+           pil = PIL for every image (as before simplejpeg); --decoders simplejpeg,pil runs each case with both
   samples_per_s_per_core = samples / process CPU seconds; samples_per_s_wall = samples / wall seconds.
 Compare with the anchors in perf.md (measured on another machine).
 """
@@ -28,6 +30,7 @@ from PIL import Image
 from dcv2_jax import config as config_lib
 from dcv2_jax.data import pipeline as pipeline_lib, sources
 
+DECODERS = ("simplejpeg", "pil")
 CROPS = {"2x224": ((224, 2, 0.14, 1.0),), "2x224+6x96": ((224, 2, 0.14, 1.0), (96, 6, 0.05, 0.14)),
          "2x160+4x96": ((160, 2, 0.08, 1.0), (96, 4, 0.05, 0.14))}
 
@@ -123,6 +126,8 @@ def main(argv=None) -> list[dict]:
   ap.add_argument("--width", type=int, default=500)
   ap.add_argument("--height", type=int, default=375)
   ap.add_argument("--image-dir", default="", help="use this image folder instead of writing one")
+  ap.add_argument("--decoders", default="simplejpeg",
+                  help=f"comma-separated: {', '.join(DECODERS)}; every case runs with each, one after the other")
   ap.add_argument("--quick", action="store_true",
                   help="tiny smoke run: 8 images of 64x48, 8 samples per case, batch 4")
   args = ap.parse_args(argv)
@@ -132,22 +137,33 @@ def main(argv=None) -> list[dict]:
     ap.error("--num-images must be at least --batch")
   cases = [c for c in args.cases.split(",") if c]
   modes = [m for m in args.modes.split(",") if m]
+  decoders = [d for d in args.decoders.split(",") if d]
   for c in cases:
     if c != "decode" and c not in CROPS:
       ap.error(f"unknown case {c!r}")
+  for d in decoders:
+    if d not in DECODERS:
+      ap.error(f"unknown decoder {d!r}")
 
   results = []
+  simplejpeg_on = sources.FAST_JPEG   # False where simplejpeg is missing: then both decoders are PIL
   with tempfile.TemporaryDirectory() as tmp:
     root = args.image_dir or tmp
     kb = write_folder(root, args.num_images, args.width, args.height) if not args.image_dir else None
     common = dict(image=f"{args.width}x{args.height}" if not args.image_dir else root, jpeg_kb=kb and round(kb, 1),
                   cpu=_cpu_name(), cores=os.cpu_count(), batch=args.batch)
-    for case in cases:
-      for mode in (["-"] if case == "decode" else modes):
-        r = run_case(root, case, mode, args.samples, args.batch)
-        r.update(common)
-        print(json.dumps(r), flush=True)
-        results.append(r)
+    try:
+      for case in cases:
+        for mode in (["-"] if case == "decode" else modes):
+          for decoder in decoders:
+            # The pipeline runs in this process (num_workers=0), so the switch reaches every decode_image call.
+            sources.FAST_JPEG = simplejpeg_on and decoder == "simplejpeg"
+            r = run_case(root, case, mode, args.samples, args.batch)
+            r.update(decoder="simplejpeg" if sources.FAST_JPEG else "pil", **common)
+            print(json.dumps(r), flush=True)
+            results.append(r)
+    finally:
+      sources.FAST_JPEG = simplejpeg_on
   return results
 
 
