@@ -11,7 +11,7 @@ import simplejpeg
 from PIL import Image
 
 from dcv2_jax.data import sources
-from dcv2_jax.data.benchmark import natural_jpeg
+from dcv2_jax.bench.pipeline import natural_jpeg
 
 
 def pil_pixels(data):

@@ -9,28 +9,22 @@ needed.
 
 grain does the parallel work: a `MapDataset` over global batch numbers (epoch * steps_per_epoch + step),
 mapped to this process's decoded and cropped batch, prefetched by `data.num_workers` worker processes
-(`mp_prefetch`; 0 = in the main process). The worker processes are kept from one epoch to the next: an
+(grain_iterators.py; 0 = in the main process). The worker processes are kept from one epoch to the next: an
 epoch iterator that runs to its end hands the grain iterator, already busy with the next epoch's first
 batches, to the next `iterate(epoch + 1)`.
 """
 from __future__ import annotations
 
-import atexit
 import copy
-import gc
 import logging
 import math
-import multiprocessing
-import os
 import threading
-import weakref
 from typing import Iterator
 
-import grain
 import numpy as np
-from absl import flags
 
 from dcv2_jax.data import sources, transforms
+from dcv2_jax.data import grain_iterators
 
 log = logging.getLogger(__name__)
 BANK_PASS_CROPS = 2 ** 31 - 1    # the crop "epoch" of the memory bank's initial pass: no training epoch's
@@ -147,109 +141,6 @@ class TrainBatchLoader:
     return groups
 
 
-def _exit_with_parent(worker_index: int, worker_count: int) -> None:
-  """grain worker initializer: the worker ends when the process that started it dies.
-
-  Without it, a worker blocked on its full output queue outlives a trainer killed by SIGKILL (the kernel's
-  out-of-memory killer), adopted by init, holding its memory; and the trainer's resource tracker, which unlinks
-  the shared memory left behind once every process it serves has gone, waits for it too. Linux's
-  PR_SET_PDEATHSIG would not do: it fires when the *thread* that started the worker ends, and grain starts its
-  workers from helper threads. multiprocessing's parent sentinel (a pipe whose write end only the parent
-  process holds) reports the end of the parent process itself.
-  """
-  del worker_index, worker_count
-  parent = multiprocessing.parent_process()
-  if parent is None:   # not started by multiprocessing (grain's thread fallback on free-threaded Python)
-    return
-
-  def exit_when_parent_ends():
-    parent.join()      # returns once the parent has exited (or dropped this worker without stopping it)
-    os._exit(1)        # at once: a clean exit could block, flushing a queue into a pipe that nobody reads
-
-  threading.Thread(target=exit_when_parent_ends, name="exit-with-parent", daemon=True).start()
-
-
-def _unlink_shared_memory(batch: dict) -> None:
-  """Removes the shared-memory names of a batch that came from a grain worker; its arrays stay valid here.
-
-  A worker copies each array of a batch into a POSIX shared-memory segment; grain (up to at least 0.2.18)
-  unlinks the segment when the main process's array is garbage-collected, in a background thread pool. But the
-  last batch of every grain stream is held by a reference cycle: the StopIteration that ended the stream keeps,
-  through its traceback, the frame of grain's prefetch thread whose local variable is that batch. Only the
-  cyclic garbage collector frees it, in practice at interpreter exit, after multiprocessing has terminated that
-  thread pool: its segments were never unlinked, and Python's resource_tracker reported them at every exit
-  ("There appear to be N leaked shared_memory objects", N = the arrays of one batch). A segment can be
-  unlinked while mapped (the mapping stays valid, the memory is freed with the last mapping), so unlinking on
-  arrival leaves no name behind, whoever holds the batch afterwards and however the process ends.
-  """
-  for value in batch.values():
-    for leaf in value if isinstance(value, (list, tuple)) else (value,):
-      if getattr(leaf, "_unlink_on_del", False):   # grain's SharedMemoryArray, to be unlinked by this process
-        leaf.shm.unlink()
-        leaf._unlink_on_del = False   # pylint: disable=protected-access  (grain's __del__ would unlink it again)
-
-
-# The grain iterators with worker processes that are not closed yet (weakly: an iterator dropped unclosed is
-# grain's to clean up).
-_open_grain_iterators = weakref.WeakSet()
-
-
-def _unlink_dropped_batches() -> None:
-  """Unlinks the shared memory of the batches a closed grain iterator had prefetched and not handed out."""
-  # Once a stream has reached its end (or a worker failed), grain keeps the last batch it read in a reference
-  # cycle (see _unlink_shared_memory): only the garbage collector frees it, and with it its shared memory.
-  gc.collect()
-  # grain unlinks a freed batch's segments in a background pool (one thread, in order), which multiprocessing
-  # terminates at exit, dropping what is still queued: a no-op task returns once every earlier unlink ran.
-  pool = getattr(grain.multiprocessing.SharedMemoryArray, "_del_thread_pool", None)
-  if pool is not None:
-    try:
-      pool.apply(int)
-    except ValueError:   # "Pool not running": terminated at exit already, nothing is left to wait for
-      pass
-
-
-def _close_grain_iterator(it) -> None:
-  """Stops a grain iterator's workers and releases the batches it had prefetched but not handed out."""
-  it.close()
-  if it in _open_grain_iterators:   # it had workers (without, nothing is in shared memory)
-    _open_grain_iterators.discard(it)
-    _unlink_dropped_batches()
-
-
-@atexit.register
-def _close_open_grain_iterators() -> None:
-  """At exit, closes the iterators left open (an exception that skipped a close, an abandoned evaluation loop).
-
-  grain's own exit-time close runs after multiprocessing has stopped the thread that unlinks shared memory,
-  so whatever it releases then leaks. atexit runs the last registered first: this (registered after
-  `import grain` set up multiprocessing's exit function) runs before it.
-  """
-  for it in list(_open_grain_iterators):
-    it.close()
-  _unlink_dropped_batches()
-
-
-def _grain_iterator(loader, first: int, stop: int, num_workers: int, threads: int, prefetch: int):
-  """A grain iterator over loader(first), ..., loader(stop - 1), in order, prefetched."""
-  ds = grain.MapDataset.range(first, stop).map(loader)
-  if num_workers > 0:
-    # grain's worker start-up reads its absl flags; outside an absl app (notebooks, pytest, scripts) they
-    # were never parsed, so take their defaults. An absl app (train.py) has parsed them already.
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
-    # In a worker, one batch in flight per thread is enough; the worker's output buffer does the rest.
-    read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(1, threads))
-    it_ds = ds.to_iter_dataset(read).mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=max(1, prefetch)),
-        worker_init_fn=_exit_with_parent)
-    it = iter(it_ds)
-    _open_grain_iterators.add(it)
-    return it
-  read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(prefetch, threads, 1))
-  return iter(ds.to_iter_dataset(read))
-
-
 class EpochIterator:
   """Batches of one epoch from a step on."""
 
@@ -276,7 +167,7 @@ class EpochIterator:
       self._release()
       raise StopIteration
     batch = next(self._it)
-    _unlink_shared_memory(batch)
+    grain_iterators.unlink_shared_memory(batch)
     self._step += 1
     if self._step == steps:
       self._release()  # the workers are already busy with the next epoch: keep them for it
@@ -291,7 +182,7 @@ class EpochIterator:
   def close(self):
     """Stops this iterator's workers (an iterator left mid-epoch owns them)."""
     if self._it is not None:
-      _close_grain_iterator(self._it)
+      grain_iterators.close(self._it)
       self._it = None
       self._closed = self._step < self._pipeline.steps_per_epoch
 
@@ -370,20 +261,20 @@ class Pipeline:
       # Other crops: one epoch only, so that its iterator never serves a training epoch as the spare.
       stop = (max(self._num_epochs, epoch + 1) if crop_epoch is None else epoch + 1) * self.steps_per_epoch
       loader = self.loader if crop_epoch is None else self.loader.with_crop_epoch(crop_epoch)
-      it = _grain_iterator(loader, first, stop, self._num_workers, self._threads, self._prefetch)
+      it = grain_iterators.grain_iterator(loader, first, stop, self._num_workers, self._threads, self._prefetch)
     self._current = EpochIterator(self, epoch, start_step, it, stop)
     return self._current
 
   def _keep_spare(self, it, next_batch: int, stop: int) -> None:
     self._close_spare()
     if next_batch >= stop:       # exhausted: an epoch past num_epochs gets a fresh iterator, not an empty one
-      _close_grain_iterator(it)
+      grain_iterators.close(it)
       return
     self._spare = (it, next_batch, stop)
 
   def _close_spare(self) -> None:
     if self._spare is not None:
-      _close_grain_iterator(self._spare[0])
+      grain_iterators.close(self._spare[0])
       self._spare = None
 
   def close(self) -> None:
@@ -446,7 +337,7 @@ def eval_batches(data_cfg, split: str, batch_size: int, image_size: int, process
   mine = rows[min(process_index * share, len(rows)):min((process_index + 1) * share, len(rows))]
   num_batches = max(1, math.ceil(share / batch_size))
   loader = EvalBatchLoader(source, mine, batch_size, image_size, view)
-  it = _grain_iterator(loader, 0, num_batches, int(data_cfg.get("num_workers", 0)),
+  it = grain_iterators.grain_iterator(loader, 0, num_batches, int(data_cfg.get("num_workers", 0)),
                        int(data_cfg.get("threads_per_worker", 1)), int(data_cfg.get("prefetch", 2)))
 
   return _SizedBatches(it, num_batches)
@@ -473,11 +364,11 @@ class _SizedBatches:
     except BaseException:
       self.close()
       raise
-    _unlink_shared_memory(batch)
+    grain_iterators.unlink_shared_memory(batch)
     self._left -= 1
     return batch
 
   def close(self) -> None:
     if self._it is not None:
-      _close_grain_iterator(self._it)
+      grain_iterators.close(self._it)
       self._it = None
