@@ -17,7 +17,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dcv2_jax import config as config_lib
-from dcv2_jax import distributed, run_log
+from dcv2_jax.run import distributed, run_log
 
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics.jsonl, train.log and TensorBoard events go.")

@@ -16,8 +16,10 @@ import sys
 
 import ml_collections
 
-from dcv2_jax import augment, kmeans, models, optim, weight_grads
+from dcv2_jax import augment, kmeans, optim
+from dcv2_jax.conventions import DTYPES, PRECISIONS
 from dcv2_jax.data import sources, transforms
+from dcv2_jax.model import trunk, weight_grads
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -61,7 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
   a.mean = (0.485, 0.456, 0.406)
   a.std = (0.228, 0.224, 0.225)  # SwAV repo; VISSL uses 0.229 for red
 
-  # --- model (dcv2_jax/models.py) ---
+  # --- model (dcv2_jax/model/) ---
   c.model = m = ml_collections.ConfigDict()
   m.depth = 50                   # 18 | 34 | 50 | 101 | 152
   m.width = 1                    # width multiplier: 2 = ResNet-50-w2
@@ -134,12 +136,12 @@ CHOICES = {
     "data.source": sources.SOURCES,
     "augment.where": augment.WHERE,
     "augment.jitter_order": augment.JITTER_ORDERS,
-    "model.depth": tuple(sorted(models.STAGES)),
-    "model.dtype": tuple(models.DTYPES),
+    "model.depth": tuple(sorted(trunk.STAGES)),
+    "model.dtype": tuple(DTYPES),
     "model.grad_reduce_dtype": weight_grads.REDUCE_DTYPES,
-    "model.matmul_precision": tuple(models.PRECISIONS),
-    "model.stem": models.STEMS,
-    "loss.kmeans_precision": tuple(models.PRECISIONS),
+    "model.matmul_precision": tuple(PRECISIONS),
+    "model.stem": trunk.STEMS,
+    "loss.kmeans_precision": tuple(PRECISIONS),
     "data.eval_resize": ("auto",) + transforms.EVAL_VIEWS,
     "loss.kmeans_dtype": kmeans.DTYPES,
     "loss.kmeans_sums": kmeans.SUMS,
@@ -226,14 +228,14 @@ def validate(config, num_examples: int, steps_per_epoch: int, num_devices: int, 
   if ks and max(ks) > rows:
     problems.append(f"loss.num_clusters={ks}: more clusters than memory-bank rows ({rows} = {steps_per_epoch} "
                     f"steps x batch {b} of the {num_examples} samples); lower num_clusters")
-  if m.depth in models.STAGES:
-    trunk_dim = models.feature_dim(m.depth, m.width, m.base_width)
+  if m.depth in trunk.STAGES:
+    trunk_dim = trunk.TrunkArch.from_config(m).feature_dim
     if m.head_input_dim not in (-1, trunk_dim):
       problems.append(f"model.head_input_dim={m.head_input_dim} does not match the trunk's feature dim {trunk_dim} "
                       f"(depth {m.depth}, width {m.width}); set it to -1 or {trunk_dim}")
   if m.groups < 1 or m.width_per_group < 1:
     problems.append(f"model.groups={m.groups}, model.width_per_group={m.width_per_group} must be >= 1")
-  elif (m.groups, m.width_per_group) != (1, 64) and models.STAGES.get(m.depth, ("basic",))[0] != "bottleneck":
+  elif (m.groups, m.width_per_group) != (1, 64) and trunk.STAGES.get(m.depth, ("basic",))[0] != "bottleneck":
     problems.append(f"model.groups={m.groups} / width_per_group={m.width_per_group}: ResNeXt needs bottleneck blocks "
                     "(model.depth 50, 101 or 152), as torchvision's")
   if not m.head_dims or any(d <= 0 for d in m.head_dims):

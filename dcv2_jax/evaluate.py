@@ -22,10 +22,11 @@ import sys
 import jax
 from absl import logging
 
-from dcv2_jax import cli, distributed, evaluation, load
+from dcv2_jax import cli, evaluation, load
 from dcv2_jax import config as config_lib
 from dcv2_jax import sharding as shd
-from dcv2_jax.metric_writer import MetricWriter
+from dcv2_jax.run import distributed
+from dcv2_jax.run.metric_writer import MetricWriter
 
 
 def parse_args(argv):

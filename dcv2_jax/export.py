@@ -22,7 +22,8 @@ from typing import Mapping
 import numpy as np
 from safetensors.numpy import save_file
 
-from dcv2_jax import checkpoint, cli
+from dcv2_jax import cli
+from dcv2_jax.run import checkpoint
 from dcv2_jax.torch_names import VISSL_PREFIX, flatten_state_dict, model_part, trunk_state_dict
 
 FORMATS = ("torchvision", "swav", "vissl")

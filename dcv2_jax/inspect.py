@@ -19,7 +19,10 @@ import sys
 import matplotlib
 import numpy as np
 
-from dcv2_jax import assignments, cli, cluster_images, cluster_metrics
+from dcv2_jax import cli
+from dcv2_jax.clusters import assignments
+from dcv2_jax.clusters import metrics as cluster_metrics
+from dcv2_jax.clusters import pictures as cluster_pictures
 from dcv2_jax.data import sources
 
 matplotlib.use("Agg")   # files only, no display
@@ -55,8 +58,8 @@ def cluster_grid(workdir: str, data_cfg, epoch: int | None, num_clusters: int, p
     members, how = saved[1][:num_clusters, :per_cluster], "nearest their centroid"
   else:
     sizes = cluster_metrics.cluster_sizes(table[0], int(table[0].max()) + 1)
-    members, how = cluster_images.random_members(table[0], sizes, num_clusters, per_cluster)[1], "random members"
-  image = cluster_images.grid(sources.make_source(data_cfg), members)
+    members, how = cluster_pictures.random_members(table[0], sizes, num_clusters, per_cluster)[1], "random members"
+  image = cluster_pictures.grid(sources.make_source(data_cfg), members)
   return int(os.path.basename(path)[len("epoch_"):-len(".npz")]), image, how
 
 
@@ -90,7 +93,7 @@ def main(argv=None) -> dict:
   p.add_argument("--workdir", required=True, help="a training workdir")
   p.add_argument("--epoch", type=int, help="the epoch whose clusters to draw (default: the newest saved)")
   p.add_argument("--clusters", type=int, default=8, help="clusters to draw (the largest)")
-  p.add_argument("--per_cluster", type=int, default=cluster_images.PER_CLUSTER, help="images per cluster")
+  p.add_argument("--per_cluster", type=int, default=cluster_pictures.PER_CLUSTER, help="images per cluster")
   p.add_argument("--out", help="output folder (default: <workdir>/inspect)")
   args = p.parse_args(argv)
   if not os.path.isdir(args.workdir):
@@ -100,7 +103,7 @@ def main(argv=None) -> dict:
   os.makedirs(out, exist_ok=True)
   epoch, image, how = cluster_grid(args.workdir, cfg.data, args.epoch, args.clusters, args.per_cluster)
   written = {"clusters": os.path.join(out, f"clusters_epoch_{epoch:04d}.png"), "curves": os.path.join(out, "curves.png")}
-  cluster_images.save_png(image, written["clusters"])
+  cluster_pictures.save_png(image, written["clusters"])
   curves(read_metrics(args.workdir), written["curves"])
   print(f"wrote {written['clusters']} (epoch {epoch}, {how}) and {written['curves']}")
   return written

@@ -21,8 +21,7 @@ from absl import logging
 from jax.sharding import PartitionSpec as P
 
 from dcv2_jax import kmeans_kernel, memory_bank
-from dcv2_jax.loss import IGNORE
-from dcv2_jax.models import PRECISIONS, l2_normalize
+from dcv2_jax.conventions import IGNORE, PRECISIONS, l2_normalize
 
 # The choices of each KMeansSettings field (config.py validates the config against these).
 DTYPES = ("float32", "bfloat16")        # matmul inputs: float32 (TF32 on GPU by default) | bfloat16
@@ -88,6 +87,14 @@ def cluster_heads(key, bank: memory_bank.MemoryBank, num_clusters, num_iters: in
     sizes.append(jnp.zeros((k_max,), jnp.int32).at[jnp.where(a >= 0, a, k_max)].add(1, mode="drop"))
   table = memory_bank.assignment_table(jnp.stack(assigns), index, num_examples)
   return jnp.stack(centroids), table, jnp.stack(sizes)
+
+
+def recluster(state, key, *, num_clusters, num_iters: int, settings: KMeansSettings, mesh=None):
+  """The start of an epoch: k-means of every head on `state`'s memory bank -> (state with the new centroids and
+  assignment table, cluster sizes [H, K]). `state` is train_step.TrainState (bank, centroids, table)."""
+  centroids, table, sizes = cluster_heads(key, state.bank, num_clusters, num_iters, state.table.shape[1], settings,
+                                          mesh)
+  return state.replace(centroids=centroids, table=table), sizes
 
 
 # ------------------------------------------------------------------------------------------ Lloyd

@@ -18,8 +18,9 @@ import sys
 import jax
 from absl import logging
 
-from dcv2_jax import cli, distributed, evaluation, load
+from dcv2_jax import cli, evaluation, load
 from dcv2_jax import config as config_lib
+from dcv2_jax.run import distributed
 
 _PROTOCOL_FLAGS = ("epochs", "batch_size", "lr", "final_lr", "weight_decay", "momentum", "nesterov", "crop_size",
                    "crop_scale", "flip_p", "eval_every_epochs", "seed")

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file
 
-from dcv2_jax import checkpoint
-from dcv2_jax.models import STAGES, ResNet, trunk_apply_fn, trunk_arch
+from dcv2_jax.model.trunk import ResNet, STAGES, TrunkArch, trunk_apply_fn
+from dcv2_jax.run import checkpoint
 from dcv2_jax.torch_names import VISSL_PREFIX, flat_paths, flatten_state_dict, model_part, natural_key, trunk_name
 
 # Torch-side trunk keys we knowingly drop on import: the classifier and SwAV/VISSL head weights.
@@ -78,16 +78,16 @@ def _summary(title: str, keys: list[str], limit: int = 10) -> str:
 
 
 def from_torch_state_dict(sd: Mapping, depth: int | None = None):
-  """A torchvision / SwAV / VISSL ResNet or ResNeXt state dict -> (depth, width, variables for models.ResNet).
+  """A torchvision / SwAV / VISSL ResNet or ResNeXt state dict -> (depth, width, variables for model.trunk.ResNet).
 
   See `trunk_from_state_dict`, which also returns the rest of the architecture.
   """
   arch, variables = trunk_from_state_dict(sd, depth)
-  return arch["depth"], arch["width"], variables
+  return arch.depth, arch.width, variables
 
 
 def trunk_from_state_dict(sd: Mapping, depth: int | None = None):
-  """A torchvision / SwAV / VISSL state dict -> (architecture: trunk_apply_fn's keyword arguments, variables).
+  """A torchvision / SwAV / VISSL state dict -> (its TrunkArch, variables).
 
   Depth comes from the block counts and block kind, width from the stem's channels (64 * width), ResNeXt's
   groups and width per group from the first bottleneck's 3x3 conv ([width, width / groups, 3, 3]), the
@@ -116,15 +116,14 @@ def trunk_from_state_dict(sd: Mapping, depth: int | None = None):
   if kind == "bottleneck" and len(conv2) == 4 and conv2[1] != conv2[0]:
     groups = conv2[0] // conv2[1]                 # grouped 3x3: [width, width / groups, 3, 3]
     width_per_group = conv2[1] * 64 // channels
-  arch = dict(depth=depth, width=width, base_width=base_width, bn_eps=1e-5, groups=groups,
-              width_per_group=width_per_group, stem="cifar" if kernel == 3 else "imagenet")
-  net = ResNet(depth, width, base_width, groups=groups, width_per_group=width_per_group, stem=arch["stem"])
-  shapes = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3), jnp.float32), train=False))
+  arch = TrunkArch(depth, width, base_width, groups, width_per_group, "cifar" if kernel == 3 else "imagenet")
+  shapes = jax.eval_shape(lambda: ResNet(arch).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3), jnp.float32),
+                                                    train=False))
   expected = {}
   for collection in ("params", "batch_stats"):
     for path, leaf in flat_paths(shapes[collection]).items():
       expected[trunk_name(collection, path)] = (collection, path, leaf.shape)
-  name = f"ResNet-{depth}" + (f" {groups}x{width_per_group}d" if groups > 1 else "")
+  name = arch.describe()
   missing = sorted((k for k in expected if k not in sd), key=natural_key)
   unexpected = sorted((k for k in sd if k not in expected and not _IGNORED_ON_IMPORT.search(k)), key=natural_key)
   if missing or unexpected:
@@ -159,8 +158,8 @@ def load_trunk(path: str):
   path = os.fspath(path)
   if os.path.isdir(path):
     config, variables, _, _ = checkpoint.restore_model_variables(path)
-    return trunk_apply_fn(**trunk_arch(config.model)), model_part(variables, "trunk")
+    return trunk_apply_fn(TrunkArch.from_config(config.model)), model_part(variables, "trunk")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: no such file or directory")
   arch, variables = trunk_from_state_dict(load_state_dict_file(path))
-  return trunk_apply_fn(**arch), variables
+  return trunk_apply_fn(arch), variables

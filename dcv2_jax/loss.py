@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IGNORE = -100
+from dcv2_jax.conventions import IGNORE
 
 
 def head_logits(z, centroids, temperature):

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dcv2_jax.loss import IGNORE
+from dcv2_jax.conventions import IGNORE
 from dcv2_jax.sharding import DATA_AXIS
 
 

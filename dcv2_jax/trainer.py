@@ -4,8 +4,9 @@
     state = resume(run)                     # the newest checkpoint that reads back, or
           = fill_memory_bank(run, init)     #   a fresh state and the bank's initial pass
     per epoch:
-      state = cluster(run, state, epoch)    # 1. k-means of every head, cluster health, assignments file
+      state = cluster(run, state, epoch)    # 1. k-means of every head, then the report (clusters/report.py)
       state = train_epoch(run, state, ...)  # 2-5. batches -> train step -> bank write -> checkpoints
+      live_knn(run, state, ...)             #    every eval_every_epochs
     final_evaluation(run, state)            # kNN + linear probe on the eval split (eval_at_end)
 
 Resume: the newest complete checkpoint in <workdir>/checkpoints is restored, and training continues from
@@ -26,19 +27,21 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from dcv2_jax import assignments, batchnorm, checkpoint, cluster_images, cluster_metrics, data, evaluation, models
 from dcv2_jax import config as config_lib
-from dcv2_jax.epoch_steps import EpochSteps, jit_epoch_steps
-from dcv2_jax.metric_writer import MetricWriter, Progress, format_eta, to_numpy, to_python
-from dcv2_jax.preemption import PreemptionNotice
-from dcv2_jax.sharding import make_mesh
-from dcv2_jax.train_state import StepSpec, TrainState, make_spec, trunk_variables
+from dcv2_jax import data, evaluation
+from dcv2_jax.clusters.report import ClusterReport
+from dcv2_jax.conventions import steps_per_epoch
+from dcv2_jax.model import batchnorm
+from dcv2_jax.model.multi_crop import crops_per_trunk_pass
+from dcv2_jax.model.trunk import TrunkArch, trunk_apply_fn
+from dcv2_jax.run import checkpoint
+from dcv2_jax.run.metric_writer import MetricWriter, Progress, format_eta
+from dcv2_jax.run.preemption import PreemptionNotice
+from dcv2_jax.sharding import make_mesh, to_numpy, to_python
+from dcv2_jax.train_step import EpochSteps, StepSpec, TrainState, jit_epoch_steps, make_spec, trunk_variables
 
-
-# Diagnostics for small data: warn when more than this share of a head's clusters is empty after k-means, and
-# when a whole epoch's loss sits within 1% of ln K (every cluster equally likely: the features carry no
-# information about the clusters, a collapse).
-EMPTY_CLUSTERS_WARNING = 0.2
+# A whole epoch's loss within 1% of ln K (every cluster equally likely: the features carry no information about the
+# clusters) is a collapse: the run warns.
 COLLAPSE_MARGIN = 0.01
 
 
@@ -62,6 +65,12 @@ class Preempted(Exception):
     self.step = step
 
 
+def itstime(count: int, every: int, last: int | None = None) -> bool:
+  """Whether an action due every `every` (steps, epochs) is due after `count` of them: each multiple of `every`,
+  and `last` (the end of an epoch, of the run) whatever `every` says."""
+  return (every > 0 and count % every == 0) or count == last
+
+
 # ------------------------------------------------------------------------------------------ the run
 
 @dataclasses.dataclass
@@ -75,9 +84,9 @@ class Run:
   pipeline: data.Pipeline
   checkpoints: checkpoint.Checkpoints
   writer: MetricWriter
+  cluster_report: ClusterReport
   preemption: PreemptionNotice
   root_key: jax.Array
-  labels: np.ndarray | None              # class labels by dataset index (cluster metrics), if the data has them
   bad_samples_total: int = 0             # samples skipped as undecodable since the run began (all epochs)
 
   @property
@@ -112,12 +121,12 @@ def start_run(config, workdir: str, devices=None) -> Run:
   # ----------------------------------------------------------------------------------------- data
   source = data.make_source(config.data)
   num_examples = len(source)
-  steps_per_epoch = num_examples // config.batch_size if config.batch_size > 0 else 0
-  config_lib.validate(config, num_examples, steps_per_epoch, num_devices, jax.process_count())
+  spe = steps_per_epoch(num_examples, config.batch_size)
+  config_lib.validate(config, num_examples, spe, num_devices, jax.process_count())
   check_eval_split(config)
   pipeline = data.Pipeline(config, source=source)
   logging.info("data: %d samples, global batch %d, %d steps/epoch, %d epochs (%d steps)", num_examples,
-               config.batch_size, steps_per_epoch, config.num_epochs, config.num_epochs * steps_per_epoch)
+               config.batch_size, spe, config.num_epochs, config.num_epochs * spe)
   if max(config.loss.num_clusters) > num_examples / 10:
     logging.warning("loss.num_clusters=%s: more than a tenth of the %d samples (clusters of under 10 samples "
                     "each, many will be empty); see docs/small_data.md on choosing K",
@@ -129,13 +138,15 @@ def start_run(config, workdir: str, devices=None) -> Run:
       f.write(config.to_json_best_effort(indent=2))
 
   # --------------------------------------------------------------------- model and jitted steps
-  spec = make_spec(config, num_examples, steps_per_epoch, mesh)
+  spec = make_spec(config, num_examples, spe, mesh)
   logging.info("model: %s", batchnorm.describe_groups(config.model.sync_bn, config.batch_size, num_devices,
-                                                      local_devices, models.crops_per_trunk_pass(config.data.crops)))
+                                                      local_devices, crops_per_trunk_pass(config.data.crops)))
+  writer = MetricWriter(workdir, enabled=is_main)
+  report = ClusterReport(workdir, spec.num_clusters, config.keep_assignments, config.log_cluster_images,
+                         source.labels(), source, writer, writes_files=is_main)
   return Run(config=config, workdir=workdir, mesh=mesh, spec=spec, steps=jit_epoch_steps(spec, mesh),
              pipeline=pipeline, checkpoints=checkpoint.Checkpoints(workdir, config.keep_checkpoints),
-             writer=MetricWriter(workdir, enabled=is_main), preemption=PreemptionNotice(),
-             root_key=jax.random.key(config.seed), labels=source.labels())
+             writer=writer, cluster_report=report, preemption=PreemptionNotice(), root_key=jax.random.key(config.seed))
 
 
 def check_eval_split(config) -> None:
@@ -191,21 +202,20 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
 def resume(run: Run) -> TrainState | None:
   """The state of the newest checkpoint that reads back (None for a fresh run)."""
   shape = jax.eval_shape(run.steps.init, run.key(0))
-
-  def same_data(meta):
-    saved = (meta["num_examples"], meta["global_batch"])
-    if saved != (run.spec.num_examples, run.config.batch_size):
-      raise checkpoint.IncompatibleCheckpoint(
-          f"{run.workdir} holds a run with {saved[0]} samples and global batch {saved[1]}; this config has "
-          f"{run.spec.num_examples} and {run.config.batch_size}. Use a new workdir.")
-
-  restored = run.checkpoints.restore(checkpoint.abstract_like(shape, run.steps.state_sharding), check=same_data)
+  restored = run.checkpoints.restore(
+      checkpoint.abstract_like(shape, run.steps.state_sharding),
+      check=lambda meta: checkpoint.TrainRecord.from_json(meta).check_same_data(
+          run.spec.num_examples, run.config.batch_size, run.workdir))
   if restored is None:
     run.checkpoints.warn_if_disk_too_small(shape, run.config.keep_checkpoints)
     return None
   state, meta = restored
-  run.bad_samples_total = int(meta.get("bad_samples_total", 0))
-  logging.info("resumed from step %d (epoch %d)", int(meta["step"]), int(meta["step"]) // run.steps_per_epoch)
+  record = checkpoint.TrainRecord.from_json(meta)
+  run.bad_samples_total = record.bad_samples_total
+  logging.info("resumed from step %d (epoch %d)", record.step, record.step // run.steps_per_epoch)
+  # The stability NMI of the next k-means compares with the table in the state (this epoch's, or mid-epoch the
+  # one this epoch trains on).
+  run.cluster_report.previous = to_numpy(state.table)
   return state
 
 
@@ -219,7 +229,7 @@ def fill_memory_bank(run: Run, state: TrainState) -> TrainState:
   with data.device_prefetch(run.pipeline.bank_pass(), run.mesh) as batches:
     for slot, b in enumerate(batches):
       state = run.steps.bank_init(state, b, jnp.asarray(slot, jnp.int32))
-      if (slot + 1) % run.config.log_every_steps == 0 and slot + 1 < spe:
+      if itstime(slot + 1, run.config.log_every_steps) and slot + 1 < spe:
         jax.block_until_ready(state.bank.index)
         r = progress.report(slot + 1)
         logging.info("memory bank: %d/%d steps, %.0f img/s, ETA %s", slot + 1, spe, r["img_per_s"],
@@ -245,40 +255,19 @@ def check_bad_data(run: Run, bad: int, samples: int, when: str) -> None:
 
 def train_epochs(run: Run, state: TrainState) -> TrainState:
   step = int(to_python(state.step))
-  previous = to_numpy(state.table) if step else None
   while step < run.total_steps:
     epoch, step_in_epoch = divmod(step, run.steps_per_epoch)
     if step_in_epoch == 0:          # resumed mid-epoch: that epoch's centroids are in the state
-      state, previous = cluster(run, state, epoch, previous)
+      state = cluster(run, state, epoch)
     state, step = train_epoch(run, state, epoch, step_in_epoch)
     every = run.config.eval_every_epochs
-    if every and run.config.data.eval_split and ((epoch + 1) % every == 0 or step >= run.total_steps):
+    if every and run.config.data.eval_split and itstime(epoch + 1, every, last=run.config.num_epochs):
       live_knn(run, state, epoch, step)
   return state
 
 
-def live_knn(run: Run, state: TrainState, epoch: int, step: int) -> float:
-  """eval_every_epochs: the weighted kNN top-1 of the trunk's features (eval view, eval_max_samples of each
-  split), logged as knn_top1, so a run shows whether its features improve long before it ends."""
-  config = run.config
-  t0 = time.time()
-  mean, std = config_lib.normalization(config)
-  res = evaluation.evaluate_trunk(models.trunk_apply_fn(**models.trunk_arch(config.model)), trunk_variables(state),
-                                  config.data, protocol=evaluation.protocol_for(config.data), mesh=run.mesh,
-                                  mean=mean, std=std, linear=False, progress=False,
-                                  max_samples=config.eval_max_samples)
-  if "knn_top1" not in res:
-    logging.warning("epoch %d: no kNN (%s)", epoch, res.get("skipped"))
-    return float("nan")
-  run.writer.write({"step": step, "epoch": epoch, "knn_top1": res["knn_top1"], "knn_s": time.time() - t0})
-  logging.info("epoch %d kNN top-1 %.4f (%d train / %d eval samples, %s px %s, %.1fs)", epoch, res["knn_top1"],
-               res["num_train"], res["num_test"], res["image_size"], res["view"], time.time() - t0)
-  return res["knn_top1"]
-
-
-def cluster(run: Run, state: TrainState, epoch: int, previous):
-  """Step 1: k-means of every head on last epoch's bank; cluster health to the log, the assignment table to
-  <workdir>/assignments. Returns (state, this epoch's table) (the table: for next epoch's stability NMI)."""
+def cluster(run: Run, state: TrainState, epoch: int) -> TrainState:
+  """Step 1: k-means of every head on last epoch's bank, then the report (clusters/report.py)."""
   spec = run.spec
   valid_rows = int(to_python(jnp.sum(state.bank.index >= 0)))
   if valid_rows < max(spec.num_clusters):
@@ -289,101 +278,80 @@ def cluster(run: Run, state: TrainState, epoch: int, previous):
   state, sizes = run.steps.kmeans(state, run.key(1, epoch))
   table, sizes = to_numpy((state.table, sizes))
   kmeans_s = time.time() - t0       # includes the compilation in the first epoch of a process
-  health = cluster_metrics.cluster_health(table, spec.num_clusters, previous, run.labels,
-                                          sizes=sizes)
-  nearest = nearest_to_centroids(run, state, sizes[0]) if run.config.log_cluster_images else {}
-  if jax.process_index() == 0:
-    try:
-      assignments.save(run.workdir, epoch, table, run.config.keep_assignments, **nearest)
-      if nearest:
-        picture = cluster_images.grid(run.pipeline.source, nearest["nearest"])
-        cluster_images.save_png(picture, os.path.join(run.workdir, cluster_images.FOLDER, f"epoch_{epoch:04d}.png"))
-        run.writer.image("clusters/nearest_to_centroid", picture, epoch * run.steps_per_epoch)
-    except OSError as e:      # outputs for inspection, not worth stopping for (a full disk fails the save next)
-      logging.warning("could not write epoch %d's assignment table or cluster pictures to %s: %s", epoch,
-                      run.workdir, e)
-  for h, (empty, k) in enumerate(zip(health["empty_clusters"], spec.num_clusters)):
-    if empty > EMPTY_CLUSTERS_WARNING * k:
-      logging.warning("epoch %d head %d: %d of %d clusters are empty: K is too large for these data? (lower "
-                      "loss.num_clusters; docs/small_data.md)", epoch, h, empty, k)
-  run.writer.write({"step": epoch * run.steps_per_epoch, "epoch": epoch, "kmeans_s": kmeans_s, "clusters": health})
-  logging.info("epoch %d k-means %.2fs: empty clusters %s, size entropy %s%s", epoch, kmeans_s,
-               health["empty_clusters"], [round(x, 3) for x in health["size_entropy"]],
-               f", NMI(labels) {[round(x, 3) for x in health['nmi_labels']]}" if "nmi_labels" in health else "")
-  return state, table
+  scores = to_numpy(run.steps.member_scores(state)) if run.config.log_cluster_images else None
+  run.cluster_report.epoch(epoch, epoch * run.steps_per_epoch, table, sizes, kmeans_s, scores)
+  return state
 
 
-def nearest_to_centroids(run: Run, state: TrainState, sizes) -> dict:
-  """log_cluster_images: the largest clusters of head 0 and their members nearest the centroid (dataset indices),
-  from the memory bank k-means just clustered (all processes compute it; process 0 draws it)."""
-  clusters, nearest = cluster_images.nearest_members(
-      *to_numpy(run.steps.member_scores(state)), sizes=sizes[:run.spec.num_clusters[0]],
-      num_clusters=run.config.log_cluster_images, per_cluster=cluster_images.PER_CLUSTER)
-  return dict(clusters=clusters, nearest=nearest)
+@dataclasses.dataclass
+class EpochTally:
+  """What an epoch's steps returned, fetched one step late (so the host never stalls the device) and acted on:
+  a non-finite run stops, a SIGTERM on any process asks to stop; losses and skipped samples add up."""
+  config: ml_collections.ConfigDict
+  losses: list = dataclasses.field(default_factory=list)
+  bad: int = 0
+  stop: bool = False
+  pending: tuple | None = None            # (global step before it, metrics, StepControl) not fetched yet
+
+  def settle(self) -> dict | None:
+    """Fetches the pending step's outputs (one transfer), checks them; returns its metrics (None if none)."""
+    if self.pending is None:
+      return None
+    at, metrics, control = self.pending
+    metrics, control = to_python((metrics, control))
+    self.pending = None
+    stop_now = check_step(self.config, at, metrics["loss"], control)
+    if stop_now and not self.stop:
+      logging.warning("SIGTERM received (on at least one process): saving a checkpoint, then stopping")
+    self.stop = self.stop or stop_now
+    self.losses.append(metrics["loss"])
+    self.bad += metrics["skipped"]
+    if self.config.model.dtype == "float16":
+      metrics["loss_scale"] = control.loss_scale
+    return metrics
 
 
 def train_epoch(run: Run, state: TrainState, epoch: int, first_step: int):
   """Steps 2-5 for one epoch from `first_step`: batches -> train step (which writes the bank) -> logs and
   checkpoints. Returns (state, global step).
 
-  Each step's metrics and control flags are fetched one step late, so the host never stalls the device,
-  except before a checkpoint: only a state whose step was checked finite is saved. A preemption notice
-  (in a fetched step's control flags, so seen by every process at the same step) saves the current step
-  and raises Preempted.
+  Only a state whose step was checked finite is saved (the pending step is settled first). A preemption notice
+  (in a fetched step's control flags, so seen by every process at the same step) saves the current step and
+  raises Preempted.
   """
   config, spe = run.config, run.steps_per_epoch
-  step = epoch * spe + first_step
+  step, epoch_end = epoch * spe + first_step, (epoch + 1) * spe
   progress = Progress(run.total_steps, step, config.batch_size, config.batch_size * run.spec.num_crops)
-  losses, pending, stop, bad = [], None, False, 0
-
-  def settle():
-    """Fetches the pending step's outputs (one transfer) and acts on them; returns its metrics."""
-    nonlocal pending, stop, bad
-    at, metrics, control = pending
-    metrics, control = to_python((metrics, control))
-    pending = None
-    stop_now = check_step(config, at, metrics["loss"], control)
-    if stop_now and not stop:
-      logging.warning("SIGTERM received (on at least one process): saving a checkpoint, then stopping")
-    stop = stop or stop_now
-    losses.append(metrics["loss"])
-    bad += metrics["skipped"]
-    if config.model.dtype == "float16":
-      metrics["loss_scale"] = control.loss_scale
-    return metrics
-
+  tally = EpochTally(config)
   with data.device_prefetch(run.pipeline.iterate(epoch, first_step), run.mesh) as batches:
     for batch in batches:
       state, metrics, control = run.steps.train(state, run.preemption.tag(batch))
-      if pending is not None:
-        settle()
-      pending = (step, metrics, control)
+      tally.settle()                        # the previous step's, while this one runs
+      tally.pending = (step, metrics, control)
       step += 1
-      if step % config.log_every_steps == 0 or step % spe == 0:
-        record = {"step": step, "epoch": epoch, **settle(), **progress.report(step)}
+      if itstime(step, config.log_every_steps, last=epoch_end):
+        record = {"step": step, "epoch": epoch, **tally.settle(), **progress.report(step)}
         run.writer.write(record)
         logging.info("step %d/%d epoch %d loss %.4f lr %.4g %.0f img/s ETA %s", step, run.total_steps, epoch,
                      record["loss"], record["lr"], record["img_per_s"], format_eta(record["eta_s"]))
-      if stop or step % config.checkpoint_every_steps == 0 or step % spe == 0:
-        if pending is not None:
-          settle()
-        run.checkpoints.save(step, state, {"step": step, "num_examples": run.spec.num_examples,
-                                           "global_batch": config.batch_size, "config": config.to_json_best_effort(),
-                                           "bad_samples_total": run.bad_samples_total + bad})
-      if stop:
+      if tally.stop or itstime(step, config.checkpoint_every_steps, last=epoch_end):
+        tally.settle()
+        run.checkpoints.save(step, state, dataclasses.asdict(checkpoint.TrainRecord(
+            step, run.spec.num_examples, config.batch_size, config.to_json_best_effort(),
+            run.bad_samples_total + tally.bad)))
+      if tally.stop:
         raise Preempted(step)
-  if pending is not None:
-    settle()
-  run.bad_samples_total += bad
-  epoch_loss = float(np.mean(losses)) if losses else None
+  tally.settle()
+  run.bad_samples_total += tally.bad
+  epoch_loss = float(np.mean(tally.losses)) if tally.losses else None
   run.writer.write({"step": step, "epoch": epoch, "epoch_loss": epoch_loss,
-                    "bad_samples": bad, "bad_samples_total": run.bad_samples_total})
+                    "bad_samples": tally.bad, "bad_samples_total": run.bad_samples_total})
   uniform = float(np.mean(np.log(run.spec.num_clusters)))
   if epoch >= 1 and epoch_loss is not None and epoch_loss >= (1 - COLLAPSE_MARGIN) * uniform:
     logging.warning("epoch %d: the loss %.4f sits at ln K = %.4f (every cluster equally likely): the features do "
                     "not separate the clusters, a collapse? Check the LR and the augmentation (docs/small_data.md)",
                     epoch, epoch_loss, uniform)
-  check_bad_data(run, bad, len(losses) * config.batch_size, f"in epoch {epoch}")
+  check_bad_data(run, tally.bad, len(tally.losses) * config.batch_size, f"in epoch {epoch}")
   return state, step
 
 
@@ -420,14 +388,33 @@ def explain_out_of_memory(error: Exception, config, num_devices: int) -> DeviceO
       f"a100-80gb,h100,h200 --devices {num_devices} --max_batch. XLA said: {str(error)[:500]}")
 
 
-# ------------------------------------------------------------------------------------ final evaluation
+# ------------------------------------------------------------------------------------ evaluation
+
+def live_knn(run: Run, state: TrainState, epoch: int, step: int) -> float:
+  """eval_every_epochs: the weighted kNN top-1 of the trunk's features (eval view, eval_max_samples of each
+  split), logged as knn_top1, so a run shows whether its features improve long before it ends."""
+  config = run.config
+  t0 = time.time()
+  mean, std = config_lib.normalization(config)
+  res = evaluation.evaluate_trunk(trunk_apply_fn(TrunkArch.from_config(config.model)), trunk_variables(state),
+                                  config.data, protocol=evaluation.protocol_for(config.data), mesh=run.mesh,
+                                  mean=mean, std=std, linear=False, progress=False,
+                                  max_samples=config.eval_max_samples)
+  if "knn_top1" not in res:
+    logging.warning("epoch %d: no kNN (%s)", epoch, res.get("skipped"))
+    return float("nan")
+  run.writer.write({"step": step, "epoch": epoch, "knn_top1": res["knn_top1"], "knn_s": time.time() - t0})
+  logging.info("epoch %d kNN top-1 %.4f (%d train / %d eval samples, %s px %s, %.1fs)", epoch, res["knn_top1"],
+               res["num_train"], res["num_test"], res["image_size"], res["view"], time.time() - t0)
+  return res["knn_top1"]
+
 
 def final_evaluation(run: Run, state: TrainState) -> dict:
   """kNN + linear probe of the trunk's features on data.split (train) / data.eval_split (test), with the
   protocol the evaluate command picks for this data; also the network at initialisation when
   eval_random_init (the baseline the learned features should beat)."""
   config = run.config
-  apply_fn = models.trunk_apply_fn(**models.trunk_arch(config.model))
+  apply_fn = trunk_apply_fn(TrunkArch.from_config(config.model))
   mean, std = config_lib.normalization(config)
   protocol = evaluation.protocol_for(config.data)
   networks = {"learned": trunk_variables(state)}

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 
 from configs import digits
-from dcv2_jax.checkpoint import restore_model_variables
+from dcv2_jax.run.checkpoint import restore_model_variables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A small, fast variant of the demo: 16px digits, one crop size, narrow ResNet-18, 22 steps an epoch.

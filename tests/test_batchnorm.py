@@ -6,7 +6,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dcv2_jax import config as config_lib
-from dcv2_jax.batchnorm import BatchNorm, num_groups
+from dcv2_jax.model.batchnorm import BatchNorm, num_groups
 from dcv2_jax.sharding import make_mesh
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from dcv2_jax import checkpoint
+from dcv2_jax.run import checkpoint
 
 
 def small_state(seed=0, rows=64):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from dcv2_jax import cluster_metrics as cm
+from dcv2_jax.clusters import metrics as cm
 
 
 def _correlated(rng, n, ka, kb, p_same=0.5):

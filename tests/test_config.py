@@ -73,7 +73,7 @@ def test_sync_bn_groups_larger_than_the_devices_become_one_group():
 def test_recipes_keep_512_samples_per_batchnorm_group_on_any_gpu_count(name, gpus, processes):
   """The published statistics batch (8 GPUs x 64 = 512 samples per SyncBN group) on 64, 16, 8 or 1 GPU(s),
   global batch 4096 kept: 8 groups of 512 whether a group spans 8 GPUs, 2, one, or 8 groups share one GPU."""
-  from dcv2_jax import batchnorm
+  from dcv2_jax.model import batchnorm
   c = importlib.import_module(f"configs.{name}").get_config()
   assert (c.model.sync_bn.samples, c.model.sync_bn.group_size) == (512, 0)
   resolved, _ = config_lib.resolve(c, gpus)

@@ -10,8 +10,8 @@ import pytest
 import simplejpeg
 from PIL import Image
 
-from dcv2_jax.data import sources
 from dcv2_jax.bench.pipeline import natural_jpeg
+from dcv2_jax.data import sources
 
 
 def pil_pixels(data):

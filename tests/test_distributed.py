@@ -8,7 +8,7 @@ import time
 import portpicker
 import pytest
 
-from dcv2_jax import distributed
+from dcv2_jax.run import distributed
 from run_helpers import REPO, env
 
 # Process 1 reaches the program 35 s after process 0, as a host that compiles slower would (on 2 loaded
@@ -18,7 +18,7 @@ from run_helpers import REPO, env
 LATE_PROCESS = """
 import sys, time
 import jax, jax.numpy as jnp, numpy as np
-from dcv2_jax import distributed
+from dcv2_jax.run import distributed
 pid, port = int(sys.argv[1]), sys.argv[2]
 distributed.initialize(f"127.0.0.1:{port}", 2, pid, peer_timeout=60)
 mesh = jax.make_mesh((2,), ("data",))

@@ -3,6 +3,7 @@
 Parity needs non-trivial BatchNorm: we perturb every BN scale/bias and run train-mode passes so the
 running statistics are neither 0 nor 1 (a swapped mean/var or a missed transpose would then show).
 """
+import dataclasses
 import os
 import subprocess
 import sys
@@ -16,11 +17,14 @@ import torch
 import torchvision
 from flax import traverse_util
 
-import dcv2_jax
-from dcv2_jax import checkpoint, load
 from dcv2_jax import export as E
+from dcv2_jax import load
 from dcv2_jax.config import base_config
-from dcv2_jax.models import DCv2Model, ProjectionHead, ResNet
+from dcv2_jax.model.head import ProjectionHead
+from dcv2_jax.model.multi_crop import DCv2Model
+from dcv2_jax.model.trunk import ResNet, TrunkArch
+from dcv2_jax.run import checkpoint
+import dcv2_jax
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.torch
@@ -98,7 +102,7 @@ def with_trained_bn(model, variables, shape, wrap=lambda x: x, passes=3, seed=0)
 @pytest.fixture(scope="module")
 def rn18():
   """A ResNet-18 DCv2Model with a small BN head, trained BN statistics and 2 heads of 10 centroids."""
-  model = DCv2Model(depth=18, head_dims=(64, 16))
+  model = DCv2Model(TrunkArch(18), head_dims=(64, 16))
   v = numpy_init(model, [jnp.zeros((2, 1, 32, 32, 3))])
   v = with_trained_bn(model, v, (4, 64, 64, 3), wrap=lambda x: [x[:, None]])  # crop groups [B, n, S, S, 3]
   centroids = np.random.default_rng(1).normal(size=(2, 10, 16)).astype(np.float32)
@@ -110,7 +114,7 @@ def trunk_of(v):
 
 
 def our_features(depth, variables, images, width=1, base_width=64):
-  return np.asarray(ResNet(depth, width, base_width).apply(variables, images, train=False))
+  return np.asarray(ResNet(TrunkArch(depth, width, base_width)).apply(variables, images, train=False))
 
 
 def torchvision_features(tv, images):
@@ -139,7 +143,7 @@ def test_resnet18_export_matches_torchvision(rn18, photos):
 
 
 def test_resnet50_export_matches_torchvision(photos, tmp_path):
-  model = ResNet(50)
+  model = ResNet(TrunkArch(50))
   v = numpy_init(model, jnp.zeros((1, 32, 32, 3)))
   v = with_trained_bn(model, v, (4, 64, 64, 3))
   sd = E.to_torchvision(v, config_for(50))
@@ -233,13 +237,13 @@ def test_safetensors_export_without_torch(rn18, tmp_path):
     import numpy as np
     from flax import traverse_util
     from dcv2_jax.config import base_config
-    from dcv2_jax.models import ResNet
+    from dcv2_jax.model.trunk import ResNet, TrunkArch
     c = base_config(); c.model.depth = 18
     x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
     v = traverse_util.unflatten_dict({{tuple(k.split("/")): a for k, a in np.load({npz!r}).items()}})
     E.save_state_dict(E.to_torchvision(v, c), {path!r}, {{"format": "torchvision"}})
     apply_fn, loaded = dcv2_jax.load_trunk({path!r})
-    np.testing.assert_allclose(apply_fn(loaded, x), ResNet(18).apply(v, x, train=False), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(apply_fn(loaded, x), ResNet(TrunkArch(18)).apply(v, x, train=False), rtol=1e-5, atol=1e-5)
     print("ok")
   """)
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -250,11 +254,11 @@ def test_safetensors_export_without_torch(rn18, tmp_path):
 
 
 def test_wide_resnet_needs_swav_format():
-  v = numpy_init(ResNet(18, width=2), jnp.zeros((1, 32, 32, 3)))
+  v = numpy_init(ResNet(TrunkArch(18, width=2)), jnp.zeros((1, 32, 32, 3)))
   with pytest.raises(ValueError, match="--format swav"):
     E.to_torchvision(v, config_for(18, width=2))
   # A narrow test model (base width 16) is no torchvision model either.
-  small = numpy_init(ResNet(18, base_width=16), jnp.zeros((1, 32, 32, 3)))
+  small = numpy_init(ResNet(TrunkArch(18, base_width=16)), jnp.zeros((1, 32, 32, 3)))
   with pytest.raises(ValueError, match="--format swav"):
     E.to_torchvision(small, config_for(18, base_width=16))
   for variables, width in ((v, 2), (small, 1)):
@@ -336,7 +340,7 @@ def test_export_and_load_trunk_from_a_real_checkpoint(rn18, photos, tmp_path):
   ckpt = checkpoint.Checkpoints(workdir, async_save=False)
   state = {"params": v["params"], "batch_stats": v["batch_stats"], "centroids": centroids,
            "step": np.asarray(42, np.int32)}
-  ckpt.save(42, state, {"config": config.to_json()})
+  ckpt.save(42, state, dataclasses.asdict(checkpoint.TrainRecord(42, 1000, 64, config.to_json())))   # as trainer
   ckpt.close()
 
   out = str(tmp_path / "dcv2.safetensors")
@@ -355,7 +359,7 @@ def test_export_and_load_trunk_from_a_real_checkpoint(rn18, photos, tmp_path):
 def test_resnext50_32x4d_exports_to_torchvision_and_loads_back(photos, tmp_path):
   """model.groups=32, width_per_group=4: the file loads into torchvision.models.resnext50_32x4d() (only fc
   missing) with our features, and load_trunk reads torchvision's own ResNeXt file back."""
-  model = ResNet(50, groups=32, width_per_group=4)
+  model = ResNet(TrunkArch(50, groups=32, width_per_group=4))
   v = numpy_init(model, jnp.zeros((1, 32, 32, 3)))
   v = with_trained_bn(model, v, (4, 64, 64, 3))
   config = config_for(50)
@@ -372,13 +376,13 @@ def test_resnext50_32x4d_exports_to_torchvision_and_loads_back(photos, tmp_path)
   apply_fn, loaded = dcv2_jax.load_trunk(path)
   assert_close(np.asarray(apply_fn(loaded, photos)), ours, 1e-4)
   arch, _ = load.trunk_from_state_dict(tv.state_dict())
-  assert (arch["depth"], arch["groups"], arch["width_per_group"], arch["stem"]) == (50, 32, 4, "imagenet")
+  assert (arch.depth, arch.groups, arch.width_per_group, arch.stem) == (50, 32, 4, "imagenet")
 
 
 def test_cifar_stem_exports_to_torchvision_after_the_two_changes_it_names(tmp_path):
   """model.stem=cifar (3x3/1 conv, no max-pool): the torchvision-format file loads into resnet18() once conv1 and
   maxpool are replaced as the export says, with our features; load_trunk reads it back as the CIFAR stem."""
-  model = ResNet(18, stem="cifar")
+  model = ResNet(TrunkArch(18, stem="cifar"))
   v = numpy_init(model, jnp.zeros((1, 32, 32, 3)))
   v = with_trained_bn(model, v, (4, 32, 32, 3))
   config = config_for(18)

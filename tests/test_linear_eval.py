@@ -12,13 +12,13 @@ import pytest
 from configs import digits
 from dcv2_jax import augment, linear_eval
 from dcv2_jax.evaluation import linear_on_crops, protocol as protocols
-from dcv2_jax.models import ResNet
+from dcv2_jax.model.trunk import ResNet, TrunkArch
 
 
 def small_setup(tmp_path):
   data_cfg = digits.get_config().data
   data_cfg.image_size_digits = 24
-  trunk = ResNet(18, 1, 16)
+  trunk = ResNet(TrunkArch(18, 1, 16))
   variables = jax.jit(lambda k: trunk.init(k, jnp.zeros((1, 24, 24, 3)), train=False))(jax.random.key(0))
   apply_fn = jax.jit(lambda v, x: trunk.apply(v, x, train=False))
   cfg = protocols.linear_protocol()

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from dcv2_jax.metric_writer import MetricWriter
+from dcv2_jax.run.metric_writer import MetricWriter
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")   # the thread's death is the test

@@ -8,10 +8,9 @@ import pytest
 
 from dcv2_jax import augment
 from dcv2_jax.config import base_config
-from dcv2_jax.epoch_steps import jit_epoch_steps
 from dcv2_jax.loss import dcv2_loss
 from dcv2_jax.sharding import local_batch_to_global, make_mesh
-from dcv2_jax.train_state import make_spec
+from dcv2_jax.train_step import jit_epoch_steps, make_spec
 
 B, STEPS, N = 16, 3, 64
 

@@ -129,20 +129,20 @@ def test_trainer_rejects_bad_config_before_compiling(tmp_path, monkeypatch):
 def test_out_of_device_memory_says_what_to_lower(tmp_path, monkeypatch):
   """XLA's RESOURCE_EXHAUSTED (here raised by a stand-in for the first step) becomes an error that names
   the batch per device and the setting to change; other errors pass through unchanged."""
-  from dcv2_jax import epoch_steps
+  from dcv2_jax import train_step
 
   def out_of_memory(*args):
     raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 68719476736 "
                                      "bytes.")
 
-  monkeypatch.setattr(epoch_steps, "bank_init_step", out_of_memory)
+  monkeypatch.setattr(train_step, "bank_init_step", out_of_memory)
   with pytest.raises(DeviceOutOfMemory, match=r"8 samples \(2x16 crops each\) per device: global batch 64 on 8") as e:
     train_and_evaluate(small_config(), str(tmp_path / "oom"))
   assert "--config.per_device_batch_size=4" in str(e.value) and "68719476736 bytes" in str(e.value)
   assert "python -m dcv2_jax.bench compile --config <this config> --gpu a100-80gb,h100,h200 --devices 8 --max_batch" \
       in str(e.value)       # the planner, which finds the largest batch that fits without a GPU
 
-  monkeypatch.setattr(epoch_steps, "bank_init_step", lambda *a: (_ for _ in ()).throw(KeyError("other")))
+  monkeypatch.setattr(train_step, "bank_init_step", lambda *a: (_ for _ in ()).throw(KeyError("other")))
   with pytest.raises(KeyError, match="other"):
     train_and_evaluate(small_config(), str(tmp_path / "other"))
 
@@ -158,7 +158,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_partly_written_checkpoint_is_never_loaded(reference_run, tmp_path):
-  from dcv2_jax.checkpoint import Checkpoints
+  from dcv2_jax.run.checkpoint import Checkpoints
   workdir = str(tmp_path / "partial")
   shutil.copytree(reference_run, workdir)
   # What a save killed half-way leaves behind: orbax's temporary directory, never renamed to "<step>".
@@ -257,7 +257,7 @@ def test_small_data_run_cifar_stem_live_knn_cluster_pictures_export_and_inspect(
   np.testing.assert_allclose(np.asarray(apply_file(variables_file, x)), np.asarray(apply_dir(variables_dir, x)),
                              rtol=1e-5, atol=1e-5)
   from safetensors.numpy import load_file
-  assert load.trunk_from_state_dict(load_file(out))[0]["stem"] == "cifar"
+  assert load.trunk_from_state_dict(load_file(out))[0].stem == "cifar"
   written = inspect.main(["--workdir", workdir, "--clusters", "4"])
   inspected = np.asarray(Image.open(written["clusters"]))
   np.testing.assert_array_equal(inspected, picture)                    # the same grid from the saved table

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dcv2_jax import weight_grads
+from dcv2_jax.model import weight_grads
 from dcv2_jax.sharding import make_mesh
 
 MESH = make_mesh()

@@ -58,7 +58,7 @@ def _check(args) -> None:
   """Every listed choice and count known good before anything runs: a typo is one line, not a traceback."""
   from dcv2_jax import cli  # pylint: disable=g-import-not-at-top
   from dcv2_jax.bench import augment, kmeans, step  # pylint: disable=g-import-not-at-top
-  from dcv2_jax.models import DTYPES  # pylint: disable=g-import-not-at-top
+  from dcv2_jax.conventions import DTYPES  # pylint: disable=g-import-not-at-top
   lists = {"step": step.check_arguments, "augment": augment.check_arguments, "kmeans": kmeans.check_arguments,
            "assign": kmeans.check_arguments}.get(args.what, lambda a: {})(args)
   for flag, (given, allowed) in lists.items():

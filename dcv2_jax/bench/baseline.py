@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dcv2_jax.models import STAGES
+from dcv2_jax.model.trunk import STAGES
 
 
 def plain_flax_classifier(depth: int, base_width: int, dtype):

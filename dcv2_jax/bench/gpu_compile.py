@@ -17,6 +17,7 @@ One JSON line per program and card (or the error's first line). Memory is per de
 from __future__ import annotations
 
 import functools
+import json
 import time
 
 import jax
@@ -25,12 +26,13 @@ import ml_collections
 import numpy as np
 
 from dcv2_jax import config as config_lib
-from dcv2_jax import distributed, models
 from dcv2_jax.bench import baseline, gpu_targets, program_stats, run_programs
 from dcv2_jax.bench.report import GIB, emit
 from dcv2_jax.evaluation import features, protocol
+from dcv2_jax.model.trunk import TrunkArch, trunk_apply_fn
+from dcv2_jax.run import distributed
 from dcv2_jax.sharding import batch_sharded, replicated
-from dcv2_jax.train_state import trunk_variables
+from dcv2_jax.train_step import trunk_variables
 
 PROGRAMS = ("supervised_step", "train_step", "bank_init_step", "kmeans_xla", "kmeans_pallas", "eval_forward")
 PREFETCHED_BATCHES = 2      # data.device_prefetch's queue: batches on the device beside the one in the step
@@ -98,7 +100,7 @@ def lower(name: str, programs: run_programs.RunPrograms):
     size, _ = config_lib.eval_view(config.data)
     rows = -(-protocol.fast_protocol().extract_batch_size // n) * n
     sharded = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharded(mesh))
-    apply_fn = models.trunk_apply_fn(**models.trunk_arch(config.model))
+    apply_fn = trunk_apply_fn(TrunkArch.from_config(config.model))
     forward = features.forward_program(apply_fn, config_lib.normalization(config)[0],
                                        config_lib.normalization(config)[1], mesh)
     return (forward.lower(trunk_variables(state), sharded((rows, size, size, 3), jnp.uint8),
@@ -177,9 +179,21 @@ def check(config, config_name: str, gpu_name: str, num_devices: int, per_device_
 # ------------------------------------------------------------------------------------------ the planner
 
 def train_step_peak(config, gpu_name: str, num_devices: int, per_device_batch: int, num_examples: int) -> dict:
-  config, _ = config_for_devices(config, num_devices, per_device_batch)
+  budget = gpu_targets.GPUS[gpu_name].memory_bytes * distributed.DEVICE_MEMORY_FRACTION
+  peak = _train_step_peak(config.to_json(), gpu_targets.GPUS[gpu_name].compute_capability, num_devices,
+                          per_device_batch, num_examples)
+  return {"batch": per_device_batch, "peak": peak, "fits": peak <= budget}
+
+
+@functools.lru_cache(maxsize=None)
+def _train_step_peak(config_json: str, compute_capability, num_devices: int, per_device_batch: int,
+                     num_examples: int) -> int:
+  """Peak bytes per device of the train step; cards of one compute capability (H100, H200) get the same program
+  from XLA, so one compile serves both."""
+  gpu_name = next(name for name, gpu in gpu_targets.GPUS.items() if gpu.compute_capability == compute_capability)
+  config, _ = config_for_devices(config_lib.from_saved(json.loads(config_json)), num_devices, per_device_batch)
   record = compile_one("train_step", programs_for(config, gpu_name, num_devices, num_examples), gpu_name)
-  return {"batch": per_device_batch, "peak": record["memory_gib"]["peak"] * GIB, "fits": record["fits"]}
+  return int(record["memory_gib"]["peak"] * GIB)
 
 
 def max_batch(config, config_name: str, gpu_name: str, num_devices: int, num_examples: int, start: int = 0,
@@ -188,15 +202,17 @@ def max_batch(config, config_name: str, gpu_name: str, num_devices: int, num_exa
   memory is affine in the batch (the state does not grow with it, the activations do): two compiles give the
   line, a compile at the predicted batch confirms it, and a miss refits with that point (up to max_tries)."""
   budget = gpu_targets.GPUS[gpu_name].memory_bytes * distributed.DEVICE_MEMORY_FRACTION
+  # A global batch of more samples than the dataset holds is no run: the dataset caps the answer too.
+  largest = num_examples // num_devices // BATCH_QUANTUM * BATCH_QUANTUM
   b0 = max(BATCH_QUANTUM, start or (config.batch_size // num_devices if not config.per_device_batch_size
                                     else config.per_device_batch_size))
-  b0 = b0 // BATCH_QUANTUM * BATCH_QUANTUM
+  b0 = min(b0 // BATCH_QUANTUM * BATCH_QUANTUM, largest // 2)
   points = [train_step_peak(config, gpu_name, num_devices, b, num_examples) for b in (b0, 2 * b0)]
   best = max((p for p in points if p["fits"]), key=lambda p: p["batch"], default=None)
   for _ in range(max_tries):
     (b1, m1), (b2, m2) = sorted(((p["batch"], p["peak"]) for p in points))[-2:]
     per_sample = (m2 - m1) / (b2 - b1)
-    guess = int((budget - (m1 - per_sample * b1)) / per_sample) // BATCH_QUANTUM * BATCH_QUANTUM
+    guess = min(largest, int((budget - (m1 - per_sample * b1)) / per_sample) // BATCH_QUANTUM * BATCH_QUANTUM)
     if guess < BATCH_QUANTUM or any(p["batch"] == guess for p in points):
       break
     point = train_step_peak(config, gpu_name, num_devices, guess, num_examples)
@@ -206,9 +222,10 @@ def max_batch(config, config_name: str, gpu_name: str, num_devices: int, num_exa
       break
   return {"bench": "compile", "program": "train_step", "plan": "max_batch", "gpu": gpu_name, "devices": num_devices,
           "config": config_name, "max_per_device_batch": best["batch"] if best else 0,
+          "limited_by": "the dataset" if best and best["batch"] == largest else "memory",
           "peak_gib": round(best["peak"] / GIB, 2) if best else None, "budget_gib": round(budget / GIB, 1),
-          "gib_per_sample": round(per_sample / GIB, 4), "fixed_gib": round((m1 - per_sample * b1) / GIB, 2),
-          "compiles": len(points), "batches_tried": sorted(p["batch"] for p in points)}
+          "mib_per_sample": round(per_sample / 2 ** 20, 2), "fixed_gib": round((m1 - per_sample * b1) / GIB, 2),
+          "batches_tried": sorted(p["batch"] for p in points)}
 
 
 def add_arguments(parser) -> None:

@@ -17,10 +17,12 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from dcv2_jax import loss, models
+from dcv2_jax import loss
 from dcv2_jax.bench.report import emit
 from dcv2_jax.config import base_config
+from dcv2_jax.conventions import l2_normalize
 from dcv2_jax.data import sources
+from dcv2_jax.model.multi_crop import dcv2_model
 
 SAMPLES_PER_DEVICE = 8
 
@@ -30,7 +32,7 @@ def per_device_gradients(num_devices: int, seed: int = 0) -> list[np.ndarray]:
   config = base_config()           # the digits demo's network (configs/digits.py) in bfloat16
   config.model.depth, config.model.base_width, config.model.head_dims = 18, 16, (256, 64)
   config.model.dtype, config.loss.num_clusters = "bfloat16", (40, 40, 40)
-  model = models.dcv2_model(config, bn_groups=1)
+  model = dcv2_model(config, bn_groups=1)
   source = sources.DigitsSource("train", 32)
   rng = np.random.default_rng(seed)
   rows = rng.choice(len(source), num_devices * SAMPLES_PER_DEVICE, replace=False)
@@ -39,7 +41,7 @@ def per_device_gradients(num_devices: int, seed: int = 0) -> list[np.ndarray]:
   crops = jnp.asarray(np.stack([x, x[:, :, ::-1]], axis=1))              # two views a sample: [N, 2, S, S, 3]
   variables = model.init(jax.random.key(seed), [crops[:2]], train=True)
   heads, k, dim = len(config.loss.num_clusters), config.loss.num_clusters[0], config.model.head_dims[-1]
-  centroids = models.l2_normalize(jax.random.normal(jax.random.key(seed + 1), (heads, k, dim)))
+  centroids = l2_normalize(jax.random.normal(jax.random.key(seed + 1), (heads, k, dim)))
   targets = jax.random.randint(jax.random.key(seed + 2), (heads, len(rows)), 0, k)
 
   def gradient(device_crops, device_targets):

@@ -11,7 +11,7 @@ import numpy as np
 
 from dcv2_jax import kmeans, kmeans_kernel, memory_bank
 from dcv2_jax.bench.report import emit, guarded, peak_memory_gib
-from dcv2_jax.models import l2_normalize
+from dcv2_jax.conventions import l2_normalize
 from dcv2_jax.sharding import make_mesh
 
 

@@ -13,12 +13,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dcv2_jax import checkpoint
 from dcv2_jax import config as config_lib
+from dcv2_jax.conventions import steps_per_epoch
 from dcv2_jax.data.pipeline import crop_groups, train_batch_shapes
-from dcv2_jax.epoch_steps import EpochSteps, jit_epoch_steps
+from dcv2_jax.run import checkpoint
 from dcv2_jax.sharding import batch_sharded, local_batch_to_global, replicated
-from dcv2_jax.train_state import StepSpec, make_spec
+from dcv2_jax.train_step import EpochSteps, StepSpec, jit_epoch_steps, make_spec
 
 # Training-set sizes of the datasets the recipes name: the memory bank's size, and the steps of an epoch, are
 # needed before any data is read.
@@ -50,10 +50,10 @@ def build(config, mesh, num_examples: int) -> RunPrograms:
   lacks) over a dataset of num_examples: the config is resolved and validated as the trainer does."""
   num_devices = mesh.devices.size
   config, notes = config_lib.resolve(config, num_devices)
-  steps_per_epoch = num_examples // config.batch_size if config.batch_size > 0 else 0
-  config_lib.validate(config, num_examples, steps_per_epoch, num_devices,
+  spe = steps_per_epoch(num_examples, config.batch_size)
+  config_lib.validate(config, num_examples, spe, num_devices,
                       len({d.process_index for d in mesh.devices.flat}))
-  spec = make_spec(config, num_examples, steps_per_epoch, mesh)
+  spec = make_spec(config, num_examples, spe, mesh)
   return RunPrograms(config, mesh, spec, jit_epoch_steps(spec, mesh), tuple(notes))
 
 

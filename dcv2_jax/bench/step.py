@@ -13,7 +13,7 @@ from dcv2_jax import augment
 from dcv2_jax.bench import baseline, run_programs
 from dcv2_jax.bench.report import emit, guarded, peak_memory_gib, time_calls
 from dcv2_jax.config import base_config
-from dcv2_jax.models import DTYPES
+from dcv2_jax.conventions import DTYPES
 from dcv2_jax.sharding import batch_sharded, make_mesh, replicated
 
 # The recipes' crops: 2x224 (dcv2_2crops), 2x160+4x96 and 2x224+6x96 (the multi-crop recipes).

@@ -23,11 +23,10 @@ from typing import Iterator
 
 import numpy as np
 
-from dcv2_jax.data import sources, transforms
-from dcv2_jax.data import grain_iterators
+from dcv2_jax.conventions import BANK_PASS_EPOCH, steps_per_epoch
+from dcv2_jax.data import grain_iterators, sources, transforms
 
 log = logging.getLogger(__name__)
-BANK_PASS_CROPS = 2 ** 31 - 1    # the crop "epoch" of the memory bank's initial pass: no training epoch's
 _REASON_CHARS = 200      # of an undecodable file's error message, carried from the worker to the main process
 
 
@@ -212,7 +211,7 @@ class Pipeline:
     self.num_classes = getattr(self.source, "num_classes", None)
     self.global_batch = int(config.batch_size)
     self.local_batch = self.global_batch // process_count
-    self.steps_per_epoch = self.num_examples // self.global_batch
+    self.steps_per_epoch = steps_per_epoch(self.num_examples, self.global_batch)
     self.process_index, self.process_count = process_index, process_count
     self._num_epochs = max(1, int(config.num_epochs))
     self._num_workers = int(data.num_workers)
@@ -238,8 +237,8 @@ class Pipeline:
 
   def bank_pass(self) -> "EpochIterator":
     """The memory bank's initial pass: epoch 0's batches (so every sample epoch 0 trains on gets a target, as
-    in the reference), its crops drawn apart from every training epoch's."""
-    return self.iterate(0, crop_epoch=BANK_PASS_CROPS)
+    in the reference), its crops drawn as in BANK_PASS_EPOCH, apart from every training epoch's."""
+    return self.iterate(0, crop_epoch=BANK_PASS_EPOCH)
 
   def iterate(self, epoch: int, start_step: int = 0, crop_epoch: int | None = None) -> EpochIterator:
     """The batches of `epoch` from `start_step` (crop_epoch: draw the crops as in that epoch instead).

@@ -5,7 +5,8 @@ import os
 
 import numpy as np
 
-from dcv2_jax import assignments, cluster_metrics
+from dcv2_jax.clusters import assignments
+from dcv2_jax.clusters import metrics as cluster_metrics
 
 
 def assignment_quality(workdir: str, train_labels, train_index, num_clusters=None, write: bool = True) -> dict | None:

@@ -15,9 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from dcv2_jax import data, distributed
+from dcv2_jax import data
 from dcv2_jax import sharding as shd
-from dcv2_jax.metric_writer import format_eta
+from dcv2_jax.run import distributed
+from dcv2_jax.run.metric_writer import format_eta
 
 
 def pad_rows(x: np.ndarray, n: int) -> np.ndarray:

@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dcv2_jax import distributed
 from dcv2_jax import sharding as shd
+from dcv2_jax.conventions import l2_normalize
 from dcv2_jax.evaluation.features import pad_rows
-from dcv2_jax.models import l2_normalize
+from dcv2_jax.run import distributed
 
 
 def _scan_topk(test, train, train_labels, row0, n_train, *, k, train_chunk, precision):

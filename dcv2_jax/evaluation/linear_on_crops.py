@@ -22,13 +22,14 @@ import numpy as np
 import optax
 from absl import logging
 
-from dcv2_jax import augment, checkpoint, data, distributed
+from dcv2_jax import augment, data
 from dcv2_jax import config as config_lib
 from dcv2_jax import sharding as shd
 from dcv2_jax.evaluation.features import extract_split
 from dcv2_jax.evaluation.linear_probe import init_linear, top_k_accuracy
 from dcv2_jax.evaluation.protocol import linear_protocol, lr_at_epoch, sgd_without_lr
-from dcv2_jax.metric_writer import MetricWriter, format_eta
+from dcv2_jax.run import checkpoint, distributed
+from dcv2_jax.run.metric_writer import MetricWriter, format_eta
 
 
 def pipeline_config(data_cfg, protocol, mean, std) -> ml_collections.ConfigDict:

@@ -5,9 +5,18 @@ update and halve the scale; after `period` finite steps in a row double it.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import struct
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+  """optim.loss_scale and optim.loss_scale_period."""
+  initial: float = 2.0 ** 15
+  period: int = 2000
 
 
 @struct.dataclass

@@ -16,6 +16,7 @@ Faults, each named in one line:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -28,7 +29,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from dcv2_jax import config as config_lib
-from dcv2_jax import distributed
+from dcv2_jax.run import distributed
 
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "damaged_checkpoints"
@@ -44,6 +45,28 @@ class CheckpointSaveError(CheckpointError):
 
 class IncompatibleCheckpoint(config_lib.ConfigError):
   """The workdir holds a run of another model or dataset (not damage: nothing is moved)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainRecord:
+  """The JSON saved beside each training checkpoint's state (the "meta" item): what a resumed run, export and
+  load_trunk read back."""
+  step: int
+  num_examples: int
+  global_batch: int
+  config: str                       # the run's resolved config, as JSON
+  bad_samples_total: int = 0        # samples skipped as undecodable since the run began (all epochs)
+
+  @classmethod
+  def from_json(cls, meta: dict) -> "TrainRecord":
+    return cls(**{f.name: meta[f.name] for f in dataclasses.fields(cls) if f.name in meta})
+
+  def check_same_data(self, num_examples: int, global_batch: int, workdir: str) -> None:
+    """IncompatibleCheckpoint unless the checkpoint's run had this many samples and this global batch."""
+    if (self.num_examples, self.global_batch) != (num_examples, global_batch):
+      raise IncompatibleCheckpoint(
+          f"{workdir} holds a run with {self.num_examples} samples and global batch {self.global_batch}; this "
+          f"config has {num_examples} and {global_batch}. Use a new workdir.")
 
 
 def _registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
@@ -280,6 +303,6 @@ def restore_model_variables(path: str):
   finally:
     manager.close()
   to_np = lambda t: jax.tree.map(np.asarray, t)
-  config = config_lib.from_saved(json.loads(meta["config"]))
+  config = config_lib.from_saved(json.loads(TrainRecord.from_json(meta).config))
   variables = {"params": to_np(state["params"]), "batch_stats": to_np(state["batch_stats"])}
   return config, variables, np.asarray(state["centroids"]), int(np.asarray(state["step"]))

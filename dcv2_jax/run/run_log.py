@@ -22,13 +22,13 @@ import traceback
 
 from absl import logging
 
-from dcv2_jax import checkpoint, last_words
+from dcv2_jax.run import checkpoint, last_words
 
 LOG_FILE = "train.log"
 _OURS = (os.sep + "dcv2_jax" + os.sep, os.sep + "train.py")
 _state = {"file": None}
 # Records for the file only (tracebacks of background threads, of the failure): not propagated to stderr.
-_file_only = std_logging.getLogger("dcv2_jax.run_log")
+_file_only = std_logging.getLogger("dcv2_jax.run.run_log")
 _file_only.propagate = False
 _file_only.setLevel(std_logging.DEBUG)
 

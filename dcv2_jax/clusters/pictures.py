@@ -17,19 +17,19 @@ THUMB = 48           # pixels per image in the grid
 GAP = 2
 
 
-def largest_clusters(sizes, num_clusters: int) -> np.ndarray:
-  """The ids of the `num_clusters` largest clusters, largest first (ties: the lower id)."""
-  return np.argsort(-np.asarray(sizes), kind="stable")[:num_clusters]
+def largest_clusters(sizes, count: int) -> np.ndarray:
+  """The ids of the `count` largest clusters, largest first (ties: the lower id)."""
+  return np.argsort(-np.asarray(sizes), kind="stable")[:count]
 
 
-def nearest_members(index, assignment, score, sizes, num_clusters: int, per_cluster: int):
+def nearest_members(index, assignment, score, sizes, count: int, per_cluster: int):
   """(clusters [C], members [C, per_cluster]) of the C largest clusters: the dataset indices of their members
   with the highest score against the centroid (-1 where a cluster has fewer members).
 
   index, assignment, score: [N] per bank row (dataset index, -1 empty; cluster, -100 absent; <z, centroid>).
   """
   index, assignment, score = (np.asarray(x) for x in (index, assignment, score))
-  clusters = largest_clusters(sizes, num_clusters)
+  clusters = largest_clusters(sizes, count)
   members = np.full((len(clusters), per_cluster), -1, np.int64)
   ok = (index >= 0) & (assignment >= 0)
   for row, k in enumerate(clusters):
@@ -39,10 +39,10 @@ def nearest_members(index, assignment, score, sizes, num_clusters: int, per_clus
   return clusters, members
 
 
-def random_members(table_row, sizes, num_clusters: int, per_cluster: int, seed: int = 0):
+def random_members(table_row, sizes, count: int, per_cluster: int, seed: int = 0):
   """Like nearest_members without the centroids (a saved table alone): random members of the largest clusters."""
   rng = np.random.default_rng(seed)
-  clusters = largest_clusters(sizes, num_clusters)
+  clusters = largest_clusters(sizes, count)
   members = np.full((len(clusters), per_cluster), -1, np.int64)
   for row, k in enumerate(clusters):
     mine = np.flatnonzero(np.asarray(table_row) == k)

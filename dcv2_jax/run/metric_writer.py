@@ -9,35 +9,12 @@ import math
 import os
 import time
 
-import jax
-import numpy as np
 from absl import logging
 from tensorboardX import SummaryWriter
 
+from dcv2_jax.sharding import to_python
+
 TENSORBOARD_STALL_S = 30.0    # the longest an event waits for room in TensorBoard's queue while its thread lives
-
-
-def to_numpy(tree):
-  """Replicated jax arrays in a pytree -> numpy arrays, copied from the devices in one batch (this process's
-  first shard: works on every process of a multi-host run)."""
-  return jax.device_get(jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, tree))
-
-
-def to_python(tree):
-  """Replicated jax arrays and numpy values in a pytree -> JSON-ready Python numbers (lists for vectors).
-
-  Every array is copied from its device in one batch (jax.device_get); replicated arrays are read from
-  this process's first shard, so this works on every process of a multi-host run.
-  """
-  return jax.tree.map(_python_leaf, to_numpy(tree))
-
-
-def _python_leaf(x):
-  if isinstance(x, np.ndarray):
-    return x.item() if x.ndim == 0 else x.tolist()
-  if isinstance(x, np.generic):
-    return x.item()
-  return x
 
 
 class MetricWriter:
