@@ -18,7 +18,7 @@ import ml_collections
 
 from dcv2_jax import augment, kmeans, optim
 from dcv2_jax.conventions import DTYPES, PRECISIONS
-from dcv2_jax.data import sources, transforms
+from dcv2_jax.data import pipeline, sources, transforms
 from dcv2_jax.model import trunk, weight_grads
 
 
@@ -38,6 +38,10 @@ def base_config() -> ml_collections.ConfigDict:
   d.eval_split = "validation"    # labelled split for evaluation ('' = none)
   # Crop groups, large first: (size, count, min_scale, max_scale). 2x224 as published.
   d.crops = ((224, 2, 0.08, 1.0),)
+  d.crops_on = "auto"            # where the crops are cut: host (CPU, PIL) | device (in the jitted step; the CPU only
+                                 # decodes) | auto (device on GPUs, host elsewhere). data/pipeline.py, device_crops.py
+  d.canvas_size = 0              # device crops: images travel on a canvas x canvas canvas, larger ones downscaled to
+                                 # fit first; 0 = auto: 512 for crops >= 160 px (ImageNet photos), else the largest crop
   d.num_workers = 8              # grain worker processes per host (0 = in the main process)
   d.prefetch = 2                 # batches prepared ahead, per worker / on device
   d.image_size_digits = 32       # digits demo: 8x8 images are upscaled to this size first
@@ -134,6 +138,7 @@ def base_config() -> ml_collections.ConfigDict:
 # Each set of choices, defined by the module that implements it.
 CHOICES = {
     "data.source": sources.SOURCES,
+    "data.crops_on": pipeline.CROPS_ON,
     "augment.where": augment.WHERE,
     "augment.jitter_order": augment.JITTER_ORDERS,
     "model.depth": tuple(sorted(trunk.STAGES)),
@@ -155,8 +160,10 @@ class ConfigError(ValueError):
   """A setting that cannot work, found before anything is compiled."""
 
 
-def resolve(config, num_devices: int) -> tuple[ml_collections.ConfigDict, list[str]]:
-  """Derived settings: the global batch from per_device_batch_size. Returns (config, notes to log)."""
+def resolve(config, num_devices: int, platform: str = "cpu") -> tuple[ml_collections.ConfigDict, list[str]]:
+  """Derived settings for a run on num_devices of `platform` (jax's backend name): the global batch from
+  per_device_batch_size, SyncBN groups, the evaluation view, where the crops are cut and their canvas. Returns
+  (config, notes to log)."""
   config = ml_collections.ConfigDict(config.to_dict())   # unlocked copy; the caller's stays as given
   notes = []
   if config.per_device_batch_size > 0:
@@ -171,6 +178,15 @@ def resolve(config, num_devices: int) -> tuple[ml_collections.ConfigDict, list[s
     config.model.sync_bn.group_size = 0
     notes.append(f"model.sync_bn.group_size={gs} > {num_devices} device(s): BatchNorm statistics over all "
                  f"{num_devices} (one group)")
+  d = config.data
+  if d.crops_on == "auto":
+    d.crops_on = pipeline.crops_on(d, platform)
+    notes.append(f"data.crops_on=auto on {platform}: {d.crops_on} (" + (
+        "the crops are cut in the step, the CPU only decodes)" if d.crops_on == "device" else "the CPU cuts the crops)"))
+  if d.crops_on == "device" and not d.canvas_size and d.crops and not crop_problems(d.crops):
+    d.canvas_size = pipeline.canvas_size(d)
+    notes.append(f"device crops: images travel on a {d.canvas_size} x {d.canvas_size} canvas, larger ones downscaled "
+                 "to fit (data.canvas_size)")
   size, view = eval_view(config.data)
   if (config.data.eval_image_size, config.data.eval_resize) != (size, view):
     notes.append(f"evaluation at {size} px ({view}): data.eval_image_size={size}, data.eval_resize={view}")
@@ -254,6 +270,13 @@ def validate(config, num_examples: int, steps_per_epoch: int, num_devices: int, 
   if loss_cfg.kmeans_iters < 0 or loss_cfg.kmeans_chunk <= 0:
     problems.append(f"loss.kmeans_iters={loss_cfg.kmeans_iters} must be >= 0 and loss.kmeans_chunk="
                     f"{loss_cfg.kmeans_chunk} > 0")
+  if config.data.crops_on == "device" and config.augment.where == "host":
+    problems.append("data.crops_on=device with augment.where=host: the colour ops run after the crops, on the host "
+                    "only if the crops are cut there; set one of them")
+  largest = max((int(c[0]) for c in config.data.crops if len(c) == 4), default=0)
+  if config.data.canvas_size and config.data.canvas_size < largest:
+    problems.append(f"data.canvas_size={config.data.canvas_size} is smaller than the largest crop ({largest} px): every "
+                    "crop would be upsampled from it; use 0 (auto) or at least the largest crop's size")
   if not 0 <= config.data.max_bad_fraction <= 1:
     problems.append(f"data.max_bad_fraction={config.data.max_bad_fraction} must lie in [0, 1]")
   for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "num_epochs"):

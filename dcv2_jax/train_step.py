@@ -7,7 +7,8 @@ train step and the memory bank's initial pass, and how both are compiled over th
     state, sizes = steps.kmeans(state, key)                # start of every epoch: kmeans.recluster
     state, metrics, control = steps.train(state, batch)    # every batch: train_step
 
-Every step takes a batch of uint8 crops and runs the same forward (on-device augmentation, multi-crop network);
+Every step takes a batch of uint8 crops (or, data.crops_on=device, decoded images and crop boxes: the crops are cut
+here, device_crops.py) and runs the same forward (on-device augmentation, multi-crop network);
 `train_step` then takes the loss against last epoch's k-means, updates the weights and writes this step's
 embeddings into the memory bank; `bank_init_step`, before the first epoch of a fresh run, only writes the bank.
 Each program is one `jax.jit` over the mesh with global arrays: parameters, optimizer state, centroids and the
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from dcv2_jax import augment, kmeans, loss_scale, memory_bank, optim
+from dcv2_jax import augment, device_crops, kmeans, loss_scale, memory_bank, optim
 from dcv2_jax.conventions import BANK_PASS_EPOCH, DTYPES, IGNORE
 from dcv2_jax.loss import dcv2_loss
 from dcv2_jax.memory_bank import MemoryBank
@@ -154,7 +155,7 @@ def train_step(spec: StepSpec, state: TrainState, batch):
   epoch = state.step // spec.steps_per_epoch
   slot = state.step % spec.steps_per_epoch
   index = batch["index"]
-  crops = _augment(spec, batch["crops"], index, epoch)
+  crops = _augment(spec, device_crops.crops_of(batch, spec.crop_groups), index, epoch)
   targets = targets_for(state.table, index)
 
   # An undecodable sample (index -1, zero crops) takes no part: not in BatchNorm's statistics (mask), not in
@@ -216,7 +217,9 @@ def bank_init_step(spec: StepSpec, state: TrainState, batch, slot):
   zs, batch_stats = [], state.batch_stats
   for crop in spec.crops_for_mb:
     g, col = _group_of_crop(spec, crop)
-    (x,) = _augment(spec, [batch["crops"][g][:, col:col + 1]], index, epoch, crop_ids=[(crop,)])
+    cut = (device_crops.cut_one(batch, crop, spec.crop_groups[g][0]) if "image" in batch
+           else batch["crops"][g][:, col:col + 1])
+    (x,) = _augment(spec, [cut], index, epoch, crop_ids=[(crop,)])
     z, mutated = spec.model.apply({"params": state.params, "batch_stats": batch_stats}, [x], train=True,
                                   mask=index >= 0, mutable=["batch_stats"])
     batch_stats = mutated["batch_stats"]

@@ -40,6 +40,9 @@ from dcv2_jax.run.preemption import PreemptionNotice
 from dcv2_jax.sharding import make_mesh, to_numpy, to_python
 from dcv2_jax.train_step import EpochSteps, StepSpec, TrainState, jit_epoch_steps, make_spec, trunk_variables
 
+# Device crops: warn (once per process start) when more than this share of an epoch's images are larger than the
+# canvas (data.canvas_size) and downscaled before their crops are cut.
+DOWNSCALED_WARNING = 0.1
 # A whole epoch's loss within 1% of ln K (every cluster equally likely: the features carry no information about the
 # clusters) is a collapse: the run warns.
 COLLAPSE_MARGIN = 0.01
@@ -88,6 +91,7 @@ class Run:
   preemption: PreemptionNotice
   root_key: jax.Array
   bad_samples_total: int = 0             # samples skipped as undecodable since the run began (all epochs)
+  warned_downscaled: bool = False        # device crops: the warning about images larger than the canvas, given
 
   @property
   def steps_per_epoch(self) -> int:
@@ -112,7 +116,7 @@ def start_run(config, workdir: str, devices=None) -> Run:
   mesh = make_mesh(devices)
   num_devices = mesh.devices.size
   local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
-  config, notes = config_lib.resolve(config, num_devices)
+  config, notes = config_lib.resolve(config, num_devices, jax.default_backend())
   logging.info("dcv2-jax: %d process(es), %d device(s) (%s), workdir %s", jax.process_count(), num_devices,
                jax.devices()[0].platform, workdir)
   for note in notes:
@@ -323,6 +327,7 @@ def train_epoch(run: Run, state: TrainState, epoch: int, first_step: int):
   step, epoch_end = epoch * spe + first_step, (epoch + 1) * spe
   progress = Progress(run.total_steps, step, config.batch_size, config.batch_size * run.spec.num_crops)
   tally = EpochTally(config)
+  downscaled_before = run.pipeline.downscaled
   with data.device_prefetch(run.pipeline.iterate(epoch, first_step), run.mesh) as batches:
     for batch in batches:
       state, metrics, control = run.steps.train(state, run.preemption.tag(batch))
@@ -344,8 +349,18 @@ def train_epoch(run: Run, state: TrainState, epoch: int, first_step: int):
   tally.settle()
   run.bad_samples_total += tally.bad
   epoch_loss = float(np.mean(tally.losses)) if tally.losses else None
-  run.writer.write({"step": step, "epoch": epoch, "epoch_loss": epoch_loss,
-                    "bad_samples": tally.bad, "bad_samples_total": run.bad_samples_total})
+  record = {"step": step, "epoch": epoch, "epoch_loss": epoch_loss, "bad_samples": tally.bad,
+            "bad_samples_total": run.bad_samples_total}
+  if config.data.crops_on == "device":      # images larger than the canvas, downscaled first (this process's share)
+    downscaled = run.pipeline.downscaled - downscaled_before
+    record["downscaled_samples"] = downscaled
+    if downscaled > DOWNSCALED_WARNING * len(tally.losses) * run.pipeline.local_batch and not run.warned_downscaled:
+      run.warned_downscaled = True
+      logging.warning("epoch %d: %d of this process's %d images were larger than the %d px canvas and were "
+                      "downscaled before their crops were cut (fewer pixels in the small crops): raise "
+                      "--config.data.canvas_size", epoch, downscaled, len(tally.losses) * run.pipeline.local_batch,
+                      config.data.canvas_size)
+  run.writer.write(record)
   uniform = float(np.mean(np.log(run.spec.num_clusters)))
   if epoch >= 1 and epoch_loss is not None and epoch_loss >= (1 - COLLAPSE_MARGIN) * uniform:
     logging.warning("epoch %d: the loss %.4f sits at ln K = %.4f (every cluster equally likely): the features do "

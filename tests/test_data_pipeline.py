@@ -1,5 +1,6 @@
 """The training pipeline: epoch order, process slices, worker-count and process-count invariance, resume,
-bad files, evaluation batches and device prefetch."""
+bad files, evaluation batches and device prefetch, with the crops cut on the host and (data.crops_on=device) the
+images and their crop boxes sent instead."""
 import logging
 import os
 import signal
@@ -13,6 +14,7 @@ import pytest
 from PIL import Image
 
 from dcv2_jax import augment, config as config_lib, sharding
+from dcv2_jax.conventions import BANK_PASS_EPOCH
 from dcv2_jax.data import Pipeline, device_prefetch, eval_batches, transforms
 
 CROPS = ((24, 2, 0.14, 1.0), (12, 3, 0.05, 0.14))
@@ -47,10 +49,16 @@ def jpeg_folder(root, n, seed=0):
 def assert_batches_equal(a, b):
   assert len(a) == len(b)
   for x, y in zip(a, b):
-    np.testing.assert_array_equal(x["index"], y["index"])
-    np.testing.assert_array_equal(x["label"], y["label"])
-    for cx, cy in zip(x["crops"], y["crops"], strict=True):
-      np.testing.assert_array_equal(cx, cy)
+    assert sorted(x) == sorted(y)
+    for key in x:          # index, label, and crops (host crops) or image, image_size, boxes (device crops)
+      for cx, cy in zip(*((v if isinstance(v, list) else [v]) for v in (x[key], y[key])), strict=True):
+        np.testing.assert_array_equal(cx, cy)
+
+
+def join_halves(a, b):
+  """Two processes' halves of a batch, concatenated row-wise key by key."""
+  return {k: [np.concatenate(pair) for pair in zip(a[k], b[k])] if isinstance(a[k], list) else np.concatenate([a[k], b[k]])
+          for k in a}
 
 
 def test_epoch_covers_dataset_once_minus_drop_last():
@@ -85,24 +93,23 @@ def test_an_epoch_past_num_epochs_is_full():
   assert len(extra) == 3 and len(set(np.concatenate([b["index"] for b in extra]).tolist())) == 1200
 
 
-def test_two_processes_equal_one_and_slices_are_disjoint():
+@pytest.mark.parametrize("crops_on", ["host", "device"])
+def test_two_processes_equal_one_and_slices_are_disjoint(crops_on):
   """Process p reads rows [p*B/2, (p+1)*B/2) of every global batch: concatenated, the single-process run."""
-  cfg = make_config(num_epochs=1, crops=((16, 1, 0.14, 1.0), (8, 2, 0.05, 0.14)), batch_size=200)
+  cfg = make_config(num_epochs=1, crops=((16, 1, 0.14, 1.0), (8, 2, 0.05, 0.14)), batch_size=200, crops_on=crops_on)
   one = list(Pipeline(cfg, 0, 1).iterate(0))
   halves = [list(Pipeline(cfg, p, 2).iterate(0)) for p in (0, 1)]
   assert len(one) == len(halves[0]) == len(halves[1]) == 7
-  joined = [dict(index=np.concatenate([a["index"], b["index"]]), label=np.concatenate([a["label"], b["label"]]),
-                 crops=[np.concatenate(pair) for pair in zip(a["crops"], b["crops"])])
-            for a, b in zip(*halves)]
-  assert_batches_equal(one, joined)
+  assert_batches_equal(one, [join_halves(a, b) for a, b in zip(*halves)])
   i0 = set(np.concatenate([b["index"] for b in halves[0]]).tolist())
   i1 = set(np.concatenate([b["index"] for b in halves[1]]).tolist())
   assert not i0 & i1 and len(i0) == len(i1) == 700
 
 
-def test_resume_mid_epoch_gives_the_same_next_batches():
+@pytest.mark.parametrize("crops_on", ["host", "device"])
+def test_resume_mid_epoch_gives_the_same_next_batches(crops_on):
   """Where a run is, is its step alone: a new Pipeline started at (epoch, step) continues the stream."""
-  cfg = make_config()
+  cfg = make_config(crops_on=crops_on)
   p = Pipeline(cfg, 0, 1)
   it = p.iterate(1)
   first = [next(it) for _ in range(5)]
@@ -135,6 +142,44 @@ def test_host_mode_applies_colour_ops_on_cpu():
     np.testing.assert_array_equal(dev["crops"][g][row], crops[g])
     np.testing.assert_array_equal(host["crops"][g][row], augment.host_augment(crops[g], u[sl], cfg_host.augment))
   assert (host["crops"][0] != dev["crops"][0]).mean() > 0.5
+
+
+def test_device_crops_send_the_image_and_the_boxes_the_host_crops_are_cut_at(tmp_path):
+  """data.crops_on=device: each sample is its decoded image on the canvas (true size beside it) and the boxes the
+  host path would cut its crops at, drawn from the same (seed, epoch, index) stream; an image larger than the
+  canvas is downscaled to fit and its boxes scale with it; the memory bank's pass draws its own boxes."""
+  root = jpeg_folder(tmp_path, 12)
+  Image.fromarray(np.full((90, 60, 3), 200, np.uint8)).save(os.path.join(root, "c0", "large.png"))
+  crops = ((24, 2, 0.14, 1.0), (12, 3, 0.05, 0.14))
+  cfg = make_config(source="image_folder", path=root, batch_size=13, crops=crops, crops_on="device", canvas_size=64)
+  p = Pipeline(cfg, 0, 1)
+  (batch,) = list(p.iterate(0))
+  assert "crops" not in batch and batch["image"].shape == (13, 64, 64, 3) and batch["boxes"].shape == (13, 5, 4)
+  (host,) = list(Pipeline(make_config(source="image_folder", path=root, batch_size=13, crops=crops), 0, 1).iterate(0))
+  np.testing.assert_array_equal(host["index"], batch["index"])
+  for row, i in enumerate(batch["index"]):
+    image = p.source[int(i)]["image"]
+    h, w = image.shape[:2]
+    boxes = transforms.crop_boxes(transforms.sample_rng(7, 0, int(i)), h, w, crops)
+    if max(h, w) <= 64:
+      np.testing.assert_array_equal(batch["image"][row, :h, :w], image)
+      assert (batch["image"][row, h:] == 0).all() and (batch["image"][row, :, w:] == 0).all()
+      np.testing.assert_array_equal(batch["boxes"][row], boxes)
+      np.testing.assert_array_equal(batch["image_size"][row], (h, w))
+      # ... the very boxes the host crops of this sample were cut at
+      np.testing.assert_array_equal(host["crops"][0][row, 1], transforms.resized_crop(
+          Image.fromarray(image), tuple(boxes[1].astype(int)), 24))
+    else:                                           # the 90 x 60 image: to 64 x 43, boxes x 64/90 and 43/60
+      np.testing.assert_array_equal(batch["image_size"][row], (64, 43))
+      np.testing.assert_allclose(batch["boxes"][row], boxes * np.asarray([64 / 90, 43 / 60] * 2), rtol=1e-6)
+  assert p.downscaled == 1
+  (bank,) = list(p.bank_pass())
+  row = 0
+  h, w = p.source[int(bank["index"][row])]["image"].shape[:2]
+  np.testing.assert_array_equal(bank["index"], batch["index"])     # epoch 0's samples, their own boxes
+  np.testing.assert_array_equal(bank["boxes"][row], transforms.crop_boxes(
+      transforms.sample_rng(7, BANK_PASS_EPOCH, int(bank["index"][row])), h, w, crops))
+  assert not np.array_equal(bank["boxes"], batch["boxes"])
 
 
 def make_source_image(cfg, i):
@@ -170,7 +215,8 @@ def test_bad_files_are_skipped_and_marked(tmp_path, caplog):
   assert valid.sum() == 10 and len(valid) == 16
 
 
-def test_worker_processes_give_identical_batches(tmp_path):
+@pytest.mark.parametrize("crops_on", ["host", "device"])
+def test_worker_processes_give_identical_batches(tmp_path, crops_on):
   """1 and 2 grain worker processes (and none) produce the same batches, across an epoch boundary, with a
   corrupt file in the data (no crash, no hang in a worker)."""
   root = jpeg_folder(tmp_path, 23)
@@ -178,7 +224,8 @@ def test_worker_processes_give_identical_batches(tmp_path):
     f.write(b"\xff\xd8\xff\xe0 broken")
   runs = {}
   for workers in (0, 1, 2):
-    cfg = make_config(source="image_folder", path=root, batch_size=8, num_epochs=2, num_workers=workers)
+    cfg = make_config(source="image_folder", path=root, batch_size=8, num_epochs=2, num_workers=workers,
+                      crops_on=crops_on)
     with Pipeline(cfg, 0, 1) as p:
       runs[workers] = list(p.iterate(0)) + list(p.iterate(1))
   assert len(runs[0]) == 6

@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dcv2_jax import augment
+from dcv2_jax import augment, device_crops
 from dcv2_jax.config import base_config
+from dcv2_jax.data import transforms
 from dcv2_jax.loss import dcv2_loss
 from dcv2_jax.sharding import local_batch_to_global, make_mesh
 from dcv2_jax.train_step import jit_epoch_steps, make_spec
@@ -220,3 +221,38 @@ def test_model_matmul_precision_reaches_every_conv_and_dense(precision):
   marked = text.count("precision = [HIGHEST, HIGHEST]") + text.count(
       "precision_config = [#stablehlo<precision HIGHEST>, #stablehlo<precision HIGHEST>]")
   assert marked == (ops if precision == "highest" else 0)
+
+
+def device_crop_batch(rng, step=0, canvas=48):
+  """A device-crop batch (data.crops_on=device) for tiny_config's crops: images of random sizes on the canvas,
+  their crop boxes drawn as the pipeline draws them."""
+  crops = tiny_config().data.crops
+  image = np.zeros((B, canvas, canvas, 3), np.uint8)
+  sizes = rng.integers(20, canvas + 1, (B, 2)).astype(np.int32)
+  boxes = np.zeros((B, 4, 4), np.float32)
+  for row, (h, w) in enumerate(sizes):
+    image[row, :h, :w] = rng.integers(0, 256, (h, w, 3))
+    boxes[row] = transforms.crop_boxes(rng, int(h), int(w), crops)
+  return {"image": image, "image_size": sizes, "boxes": boxes, "index": (np.arange(B) + step * B).astype(np.int32),
+          "label": np.zeros(B, np.int32)}
+
+
+def test_device_crops_step_is_the_step_on_those_crops():
+  """data.crops_on=device: the step cuts the crops itself (device_crops.py), group by group in order, and then is
+  the host-crop step: on 8 devices, the same loss, weights and bank as the step given those crops (unrounded; what
+  rounding to 8 bits moves is device_crops' parity with PIL, tests/test_device_crops.py). The bank's initial pass
+  runs on device-crop batches too."""
+  rng = np.random.default_rng(9)
+  mesh, spec, comp = compiled(8)
+  dev = device_crop_batch(rng)
+  cut = device_crops.cut({k: jnp.asarray(dev[k]) for k in ("image", "image_size", "boxes")}, spec.crop_groups)
+  host = {"crops": [np.asarray(x) for x in cut], "index": dev["index"], "label": dev["label"]}
+  (s_dev, (m_dev,)), (s_host, (m_host,)) = run_steps(8, [dev]), run_steps(8, [host])
+  np.testing.assert_allclose(m_dev["loss"], m_host["loss"], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(jax.device_get(s_dev.params)), jax.tree.leaves(jax.device_get(s_host.params))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(s_dev.bank.z), np.asarray(s_host.bank.z), atol=1e-5)
+  state = comp.init(jax.random.key(0))
+  state = comp.bank_init(state, local_batch_to_global(dev, mesh), jnp.asarray(0))
+  np.testing.assert_array_equal(np.asarray(state.bank.index)[0], dev["index"])
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(state.bank.z)[:, 0], axis=-1), 1.0, atol=1e-5)

@@ -11,12 +11,14 @@ import pytest
 
 from run_helpers import cli_args, env, final_params, logged_step
 
-def test_two_processes_equal_one_process(tmp_path):
+@pytest.mark.parametrize("crops_on", ["host", "device"])
+def test_two_processes_equal_one_process(tmp_path, crops_on):
   # One epoch of 5 steps (batch 256), a checkpoint after every step. The two all-reduce orders (gloo across
   # processes vs in-process) differ by float rounding, which training amplifies a few times a step, so the
   # exact comparison is after the first step: one step moves the weights by ~3e-4 relative (LARC, lr 0.3),
   # so any difference in what the step computed (data, statistics, gradients) would exceed rtol 1e-5.
-  extra = {"num_epochs": 1, "batch_size": 256, "checkpoint_every_steps": 1}
+  # crops_on=device: each process sends its images and crop boxes, the step cuts the crops.
+  extra = {"num_epochs": 1, "batch_size": 256, "checkpoint_every_steps": 1, "data.crops_on": crops_on}
   one = str(tmp_path / "one")
   r = subprocess.run(cli_args(one, **extra), env=env(4), capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]

@@ -16,6 +16,10 @@ dcv2_jax.bench WHAT`, one module a benchmark.
 Kept import-light: the command (__main__.py) decides the JAX platform before jax starts.
 """
 
+# The published recipes' crops (configs/dcv2_*.py: data.crops): what the step, pipeline and recipe benchmarks run.
+RECIPE_CROPS = {"2x224": ((224, 2, 0.08, 1.0),), "2x160+4x96": ((160, 2, 0.08, 1.0), (96, 4, 0.05, 0.14)),
+                "2x224+6x96": ((224, 2, 0.14, 1.0), (96, 6, 0.05, 0.14))}
+
 
 def main(argv=None) -> list[dict]:
   """The command, callable: main(['step', '--quick']) returns the records it printed."""

@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from dcv2_jax import config as config_lib
+from dcv2_jax import device_crops
 from dcv2_jax.bench import baseline, gpu_targets, program_stats, run_programs
 from dcv2_jax.bench.report import GIB, emit
 from dcv2_jax.evaluation import features, protocol
@@ -34,7 +35,8 @@ from dcv2_jax.run import distributed
 from dcv2_jax.sharding import batch_sharded, replicated
 from dcv2_jax.train_step import trunk_variables
 
-PROGRAMS = ("supervised_step", "train_step", "bank_init_step", "kmeans_xla", "kmeans_pallas", "eval_forward")
+PROGRAMS = ("supervised_step", "train_step", "device_crops", "bank_init_step", "kmeans_xla", "kmeans_pallas",
+            "eval_forward")
 PREFETCHED_BATCHES = 2      # data.device_prefetch's queue: batches on the device beside the one in the step
 BATCH_QUANTUM = 8           # the planner's per-device batches are multiples of this
 
@@ -88,6 +90,11 @@ def lower(name: str, programs: run_programs.RunPrograms):
   if name == "train_step":
     return (programs.steps.train.lower(state, batch), images224(config, per_device),
             PREFETCHED_BATCHES * _per_device_bytes(batch, n))
+  if name == "device_crops":                   # the part of the train step that cuts the crops (crops_on=device)
+    if config.data.crops_on != "device":
+      raise ValueError(f"the config cuts its crops on the host (data.crops_on={config.data.crops_on})")
+    cut = jax.jit(lambda batch: device_crops.cut(batch, programs.spec.crop_groups), out_shardings=batch_sharded(mesh))
+    return cut.lower({k: batch[k] for k in ("image", "image_size", "boxes")}), None, 0
   if name == "bank_init_step":
     batch.pop("stop")                         # the bank's pass is not tagged for preemption (trainer.py)
     slot = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh))
@@ -154,7 +161,7 @@ def check(config, config_name: str, gpu_name: str, num_devices: int, per_device_
             "per_device_batch": config.batch_size // num_devices, "num_examples": num_examples,
             "dtype": config.model.dtype, "grad_reduce_dtype": config.model.grad_reduce_dtype,
             **({"notes": notes} if notes else {})}
-  out, supervised = [], None
+  out, supervised, step = [], None, None
   for name in [p for p in PROGRAMS if p in programs]:
     assign = name.split("_")[1] if name.startswith("kmeans_") else None
 
@@ -168,6 +175,12 @@ def check(config, config_name: str, gpu_name: str, num_devices: int, per_device_
       record.update(compiled=False, error=f"{type(e).__name__}: {' '.join(str(e).split())[:400]}")
     if name == "supervised_step" and record["compiled"]:
       supervised = record
+    if name == "train_step" and record["compiled"]:
+      step = record
+    if name == "device_crops" and record["compiled"] and step is not None:
+      # What cutting the crops on the GPU adds to the step (it is part of the train step's program).
+      record["vs_train_step"] = {"flops": round(record["gflops"] / step["gflops"], 4),
+                                 "bytes": round(record["gbytes_accessed"] / step["gbytes_accessed"], 4)}
     elif supervised is not None and "gflops_per_image224" in record:
       record["vs_supervised"] = {
           "flops": round(record["gflops_per_image224"] / supervised["gflops_per_image224"], 3),

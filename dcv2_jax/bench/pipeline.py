@@ -1,18 +1,22 @@
 """`python -m dcv2_jax.bench pipeline`: CPU cost of the input pipeline per sample: how many cores feed one accelerator.
 
-    python -m dcv2_jax.bench pipeline                 # 2x224 and 2x224+6x96, host vs device colour ops
+    python -m dcv2_jax.bench pipeline                 # every recipe's crops, cut on the host vs on the device
     python -m dcv2_jax.bench pipeline --quick         # tiny run (tests)
 
 Writes a temporary folder of 500x375 JPEGs (~80 KB, smooth colour fields with texture and edges, like
 photos) and runs the real Pipeline in the main process, synchronously (num_workers=0, no threads), so
-CPU time / samples is the cost on one core. Prints one JSON line per case:
-  case: decode (decode only), or crop groups as SIZExCOUNT joined by '+'
-  mode: host = colour ops on the CPU (augment.where='host'), device = crops only (colour ops left for the
-        accelerator), '-' for decode
+CPU time / samples is the cost on one core. The colour ops run on the accelerator in every case (the default).
+Prints one JSON line per case, crops_on and decoder:
+  case: decode (decode only), or a recipe's crop groups as SIZExCOUNT joined by '+'
+  crops_on: host = the CPU decodes and cuts the crops (PIL); device = the CPU decodes and places the image on the
+            canvas with its crop boxes, the step cuts the crops (data.crops_on=device); '-' for decode
   decoder: simplejpeg = sources.decode_image as it is (simplejpeg for the JPEGs it takes, PIL for the rest),
            pil = PIL for every image (as before simplejpeg); --decoders simplejpeg,pil runs each case with both
-  samples_per_s_per_core = samples / process CPU seconds; samples_per_s_wall = samples / wall seconds.
-Compare with the anchors in perf.md (measured on another machine).
+  samples_per_s_per_core = samples / process CPU seconds; samples_per_s_wall = samples / wall seconds;
+  vs_host: device over host of the same run, case and decoder;
+  host_to_device_bytes_per_sample: what a sample sends to the accelerator; at_h100_rate: the samples/s of one H100
+  at the plain Flax ResNet-50 rate (perf.md: 5,653 224 px images/s; a sample weighs its crops by (size/224)^2),
+  the cores that takes (cores_per_h100) and the host-to-device GB/s.
 """
 from __future__ import annotations
 
@@ -28,11 +32,12 @@ import numpy as np
 from PIL import Image
 
 from dcv2_jax import config as config_lib
+from dcv2_jax.bench import RECIPE_CROPS
 from dcv2_jax.data import pipeline as pipeline_lib, sources
 
 DECODERS = ("simplejpeg", "pil")
-CROPS = {"2x224": ((224, 2, 0.14, 1.0),), "2x224+6x96": ((224, 2, 0.14, 1.0), (96, 6, 0.05, 0.14)),
-         "2x160+4x96": ((160, 2, 0.08, 1.0), (96, 4, 0.05, 0.14))}
+CROPS = RECIPE_CROPS
+H100_IMG224_PER_S = 5653      # perf.md: the plain Flax ResNet-50 step on one H100 (bf16, batch 256 at 224)
 
 
 def natural_jpeg(rng: np.random.Generator, width: int, height: int, quality: int = 90) -> bytes:
@@ -75,12 +80,27 @@ def _cpu_name() -> str:
   return platform.processor() or platform.machine()
 
 
-def _config(root: str, crops, where: str, batch: int):
+def _config(root: str, crops, crops_on: str, batch: int):
   c = config_lib.base_config()
-  c.data.source, c.data.path, c.data.crops = "image_folder", root, crops
+  c.data.source, c.data.path, c.data.crops, c.data.crops_on = "image_folder", root, crops, crops_on
   c.data.num_workers, c.data.threads_per_worker = 0, 0  # synchronous: all work on this thread
-  c.batch_size, c.num_epochs, c.augment.where = batch, 1000, where
+  c.batch_size, c.num_epochs = batch, 1000
   return c
+
+
+def sample_bytes(crops, crops_on: str) -> int:
+  """Bytes one sample sends to the accelerator (train_batch_shapes)."""
+  shapes = pipeline_lib.train_batch_shapes(crops, 1, crops_on, pipeline_lib.canvas_size(_config("", crops, crops_on, 1).data))
+  flat = [sd for v in shapes.values() for sd in (v if isinstance(v, list) else [v])]
+  return int(sum(np.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in flat))
+
+
+def at_h100_rate(crops, samples_per_s_per_core: float, nbytes: int) -> dict:
+  """What one H100 at the plain Flax ResNet-50 rate consumes of this case: samples/s, CPU cores, GB/s."""
+  per_sample = sum(int(n) * (int(s) / 224) ** 2 for s, n, *_ in crops)
+  rate = H100_IMG224_PER_S / per_sample
+  return {"samples_per_s": round(rate), "cores_per_h100": round(rate / samples_per_s_per_core, 1),
+          "host_to_device_gb_per_s": round(rate * nbytes / 1e9, 2)}
 
 
 def _measure(next_batch, samples: int, batch: int) -> tuple[float, float]:
@@ -92,7 +112,7 @@ def _measure(next_batch, samples: int, batch: int) -> tuple[float, float]:
   return done / max(time.process_time() - cpu, 1e-9), done / max(time.perf_counter() - wall, 1e-9)
 
 
-def run_case(root: str, case: str, mode: str, samples: int, batch: int) -> dict:
+def run_case(root: str, case: str, crops_on: str, samples: int, batch: int) -> dict:
   if case == "decode":
     src = sources.ImageFolderSource(root)
     pos = iter(range(10**12))
@@ -101,7 +121,7 @@ def run_case(root: str, case: str, mode: str, samples: int, batch: int) -> dict:
       for _ in range(batch):
         src[next(pos) % len(src)]
   else:
-    p = pipeline_lib.Pipeline(_config(root, CROPS[case], mode, batch), process_index=0, process_count=1)
+    p = pipeline_lib.Pipeline(_config(root, CROPS[case], crops_on, batch), process_index=0, process_count=1)
 
     def epochs():
       for e in range(10**6):
@@ -110,16 +130,20 @@ def run_case(root: str, case: str, mode: str, samples: int, batch: int) -> dict:
     stream = epochs()
     next_batch = lambda: next(stream)
   per_core, wall = _measure(next_batch, samples, batch)
-  return dict(case=case, mode=mode if case != "decode" else "-", samples=samples,
-              samples_per_s_per_core=round(per_core, 1), samples_per_s_wall=round(wall, 1))
+  out = dict(case=case, crops_on=crops_on if case != "decode" else "-", samples=samples,
+             samples_per_s_per_core=round(per_core, 1), samples_per_s_wall=round(wall, 1))
+  if case != "decode":
+    nbytes = sample_bytes(CROPS[case], crops_on)
+    out.update(host_to_device_bytes_per_sample=nbytes, at_h100_rate=at_h100_rate(CROPS[case], per_core, nbytes))
+  return out
 
 
 def main(argv=None) -> list[dict]:
   ap = argparse.ArgumentParser(prog="python -m dcv2_jax.bench pipeline", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--cases", default="decode,2x224,2x224+6x96",
+  ap.add_argument("--cases", default="decode," + ",".join(CROPS),
                   help=f"comma-separated: decode and/or {', '.join(CROPS)}")
-  ap.add_argument("--modes", default="host,device", help="comma-separated: host (colour ops on CPU), device")
+  ap.add_argument("--crops_on", default="host,device", help="comma-separated: host (the CPU cuts the crops), device")
   ap.add_argument("--samples", type=int, default=512, help="samples timed per case")
   ap.add_argument("--batch", type=int, default=32, help="batch size")
   ap.add_argument("--num-images", type=int, default=64, help="JPEGs written (the epoch cycles over them)")
@@ -136,7 +160,7 @@ def main(argv=None) -> list[dict]:
   if args.num_images < args.batch:
     ap.error("--num-images must be at least --batch")
   cases = [c for c in args.cases.split(",") if c]
-  modes = [m for m in args.modes.split(",") if m]
+  where = [m for m in args.crops_on.split(",") if m]
   decoders = [d for d in args.decoders.split(",") if d]
   for c in cases:
     if c != "decode" and c not in CROPS:
@@ -144,6 +168,9 @@ def main(argv=None) -> list[dict]:
   for d in decoders:
     if d not in DECODERS:
       ap.error(f"unknown decoder {d!r}")
+  for m in where:
+    if m not in ("host", "device"):
+      ap.error(f"--crops_on: unknown {m!r}; choose from host, device")
 
   results = []
   simplejpeg_on = sources.FAST_JPEG   # False where simplejpeg is missing: then both decoders are PIL
@@ -154,12 +181,17 @@ def main(argv=None) -> list[dict]:
                   cpu=_cpu_name(), cores=os.cpu_count(), batch=args.batch)
     try:
       for case in cases:
-        for mode in (["-"] if case == "decode" else modes):
-          for decoder in decoders:
+        for decoder in decoders:
+          host = None
+          for crops_on in (["-"] if case == "decode" else where):
             # The pipeline runs in this process (num_workers=0), so the switch reaches every decode_image call.
             sources.FAST_JPEG = simplejpeg_on and decoder == "simplejpeg"
-            r = run_case(root, case, mode, args.samples, args.batch)
+            r = run_case(root, case, crops_on, args.samples, args.batch)
             r.update(decoder="simplejpeg" if sources.FAST_JPEG else "pil", **common)
+            if crops_on == "host":
+              host = r
+            elif crops_on == "device" and host is not None:
+              r["vs_host"] = round(r["samples_per_s_per_core"] / host["samples_per_s_per_core"], 2)
             print(json.dumps(r), flush=True)
             results.append(r)
     finally:

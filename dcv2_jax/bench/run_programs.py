@@ -49,7 +49,7 @@ def build(config, mesh, num_examples: int) -> RunPrograms:
   """The programs of a run of `config` on `mesh` (every device of it; possibly GPUs of a topology this machine
   lacks) over a dataset of num_examples: the config is resolved and validated as the trainer does."""
   num_devices = mesh.devices.size
-  config, notes = config_lib.resolve(config, num_devices)
+  config, notes = config_lib.resolve(config, num_devices, mesh.devices.flat[0].platform)
   spe = steps_per_epoch(num_examples, config.batch_size)
   config_lib.validate(config, num_examples, spe, num_devices,
                       len({d.process_index for d in mesh.devices.flat}))
@@ -71,7 +71,8 @@ def abstract_state(programs: RunPrograms):
 def batch_shapes(config) -> dict:
   """The global training batch the train step receives: the pipeline's arrays plus the preemption flag
   (preemption.PreemptionNotice.tag adds `stop`)."""
-  shapes = train_batch_shapes(crop_groups(config.data.crops), config.batch_size)
+  shapes = train_batch_shapes(crop_groups(config.data.crops), config.batch_size, config.data.crops_on,
+                              config.data.canvas_size)
   return dict(shapes, stop=((config.batch_size,), np.int32))
 
 
@@ -86,7 +87,8 @@ def abstract_batch(programs: RunPrograms) -> dict:
 
 
 def synthetic_batch(programs: RunPrograms, seed: int = 0) -> dict:
-  """Random uint8 crops and indices 0..B-1, as global arrays on the mesh (each process makes its rows)."""
+  """Random uint8 crops (or images, for device crops) and indices 0..B-1, as global arrays on the mesh (each
+  process makes its rows)."""
   rng = np.random.default_rng(seed)
   processes = jax.process_count()
 
@@ -96,6 +98,10 @@ def synthetic_batch(programs: RunPrograms, seed: int = 0) -> dict:
 
   batch = jax.tree.map(local, batch_shapes(programs.config), is_leaf=_is_shape_dtype)
   batch["index"] = np.arange(batch["index"].shape[0], dtype=np.int32)
+  if "boxes" in batch:        # device crops: each crop the whole canvas, a full-size image
+    canvas = batch["image"].shape[1]
+    batch["image_size"][:] = canvas
+    batch["boxes"][:] = np.asarray([0, 0, canvas, canvas], np.float32)
   return local_batch_to_global(batch, programs.mesh)
 
 

@@ -10,15 +10,13 @@ import jax
 import jax.numpy as jnp
 
 from dcv2_jax import augment
-from dcv2_jax.bench import baseline, run_programs
+from dcv2_jax.bench import RECIPE_CROPS, baseline, run_programs
 from dcv2_jax.bench.report import emit, guarded, peak_memory_gib, time_calls
 from dcv2_jax.config import base_config
 from dcv2_jax.conventions import DTYPES
 from dcv2_jax.sharding import batch_sharded, make_mesh, replicated
 
-# The recipes' crops: 2x224 (dcv2_2crops), 2x160+4x96 and 2x224+6x96 (the multi-crop recipes).
-CROPS = {"2x224": ((224, 2, 0.08, 1.0),), "2x160+4x96": ((160, 2, 0.08, 1.0), (96, 4, 0.05, 0.14)),
-         "2x224+6x96": ((224, 2, 0.14, 1.0), (96, 6, 0.05, 0.14))}
+CROPS = RECIPE_CROPS
 
 
 def dcv2_step(crops, batch: int, depth: int, base_width: int, dtype: str, steps: int, warmup: int,

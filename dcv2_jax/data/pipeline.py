@@ -35,11 +35,38 @@ def crop_groups(crops) -> tuple[tuple[int, int, float, float], ...]:
   return tuple((int(c[0]), int(c[1]), float(c[2]), float(c[3])) for c in crops)
 
 
-def train_batch_shapes(crops, batch: int) -> dict:
-  """What a training batch of `batch` samples holds for the train step: {name: (shape, numpy dtype)}, 'crops' a
-  list with one entry per crop group (`crop_groups`)."""
-  return dict(crops=[((batch, int(count), int(size), int(size), 3), np.uint8) for size, count, *_ in crops],
-              index=((batch,), np.int32), label=((batch,), np.int32))
+# data.crops_on: where the random resized crops are cut. host: here, on the CPU (PIL); device: inside the jitted
+# step (device_crops.py), the CPU only decodes. auto: device on GPUs, host elsewhere (a CPU computes the crops
+# faster than its own resampling matmuls).
+CROPS_ON = ("auto", "host", "device")
+# The canvas (data.canvas_size = 0, auto) of ImageNet-sized crops (the largest >= 160 px): 512 x 512 holds a
+# typical photo of ImageNet (500 x 375) whole; a larger image is downscaled to fit. Smaller crops (CIFAR, STL-10,
+# the digits) come from images of about the crop's size: the canvas is the largest crop's.
+IMAGENET_CANVAS = 512
+
+
+def crops_on(data_cfg, platform: str) -> str:
+  """data.crops_on with auto resolved for a run on `platform` (jax's backend name)."""
+  return data_cfg.crops_on if data_cfg.crops_on != "auto" else ("device" if platform == "gpu" else "host")
+
+
+def canvas_size(data_cfg) -> int:
+  """data.canvas_size with 0 (auto) resolved (see IMAGENET_CANVAS)."""
+  largest = max(int(c[0]) for c in data_cfg.crops)
+  return int(data_cfg.canvas_size) or (IMAGENET_CANVAS if largest >= 160 else largest)
+
+
+def train_batch_shapes(crops, batch: int, where: str = "host", canvas: int = 0) -> dict:
+  """What a training batch of `batch` samples holds for the train step: {name: (shape, numpy dtype)}. Crops cut
+  on the host: 'crops', a list with one entry per crop group (`crop_groups`). Cut on the device: the decoded
+  'image' on a canvas x canvas canvas (top-left), its 'image_size' (height, width) and the 'boxes' (top, left,
+  height, width) of every crop, in the order of the groups."""
+  common = dict(index=((batch,), np.int32), label=((batch,), np.int32))
+  if where == "device":
+    num_crops = sum(int(c[1]) for c in crops)
+    return dict(image=((batch, canvas, canvas, 3), np.uint8), image_size=((batch, 2), np.int32),
+                boxes=((batch, num_crops, 4), np.float32), **common)
+  return dict(crops=[((batch, int(count), int(size), int(size), 3), np.uint8) for size, count, *_ in crops], **common)
 
 
 def _plain_augment_cfg(cfg) -> dict:
@@ -53,10 +80,12 @@ class TrainBatchLoader:
   """Global batch number -> this process's batch. Picklable; runs inside the grain workers."""
 
   def __init__(self, source, *, seed: int, crops, host_augment_cfg: dict | None, num_examples: int,
-               global_batch: int, local_batch: int, process_index: int, steps_per_epoch: int):
+               global_batch: int, local_batch: int, process_index: int, steps_per_epoch: int, where: str = "host",
+               canvas: int = 0):
     self.source = source
     self.seed = int(seed)
     self.crops = crops
+    self.where, self.canvas = where, canvas     # where the crops are cut (CROPS_ON), the device's canvas
     self.host_augment_cfg = host_augment_cfg
     self.num_examples = num_examples
     self.global_batch = global_batch
@@ -104,10 +133,11 @@ class TrainBatchLoader:
     indices = self.local_indices(epoch)[step]
     crop_epoch = epoch if self.crop_epoch is None else self.crop_epoch
     n = self.local_batch
-    shapes = train_batch_shapes(self.crops, n)
-    crops = [np.zeros(shape, dtype) for shape, dtype in shapes["crops"]]
-    index = np.full(shapes["index"][0], -1, shapes["index"][1])
-    label = np.full(shapes["label"][0], -1, shapes["label"][1])
+    out = {name: [np.zeros(*sd) for sd in shape] if name == "crops" else np.zeros(*shape)
+           for name, shape in train_batch_shapes(self.crops, n, self.where, self.canvas).items()}
+    index, label = out["index"], out["label"]
+    index[:], label[:] = -1, -1
+    out["downscaled"] = np.zeros((n,), bool)
     bad_index = np.full((n,), -1, np.int32)
     bad_reason = np.full((n,), "", dtype=f"<U{_REASON_CHARS}")
     for row, i in enumerate(indices):
@@ -120,12 +150,25 @@ class TrainBatchLoader:
         bad_index[row], bad_reason[row] = i, f"{type(e).__name__}: {e}"[:_REASON_CHARS]
         continue
       # Outside the try: a bug in cropping or augmentation must fail loudly, not pass as a bad file.
-      groups = self._sample_crops(example["image"], crop_epoch, i)
-      for dst, src in zip(crops, groups):
-        dst[row] = src
+      if self.where == "device":
+        self._place_on_canvas(out, row, example["image"], crop_epoch, i)
+      else:
+        for dst, src in zip(out["crops"], self._sample_crops(example["image"], crop_epoch, i)):
+          dst[row] = src
       index[row] = i
       label[row] = example["label"]
-    return dict(crops=crops, index=index, label=label, bad_index=bad_index, bad_reason=bad_reason)
+    return dict(out, bad_index=bad_index, bad_reason=bad_reason)
+
+  def _place_on_canvas(self, out: dict, row: int, image: np.ndarray, epoch: int, index: int) -> None:
+    """Device crops: the boxes drawn as the host path draws them (crop_boxes, from the sample's own random
+    stream), the image on the canvas (downscaled first if larger: the boxes scale with it)."""
+    boxes = transforms.crop_boxes(transforms.sample_rng(self.seed, epoch, index), image.shape[0], image.shape[1],
+                                  self.crops)
+    image, fy, fx = transforms.fit_canvas(image, self.canvas)
+    out["image"][row, :image.shape[0], :image.shape[1]] = image
+    out["image_size"][row] = image.shape[:2]
+    out["boxes"][row] = boxes * np.asarray([fy, fx, fy, fx], np.float32)
+    out["downscaled"][row] = (fy, fx) != (1.0, 1.0)
 
   def _sample_crops(self, image: np.ndarray, epoch: int, index: int) -> list:
     rng = transforms.sample_rng(self.seed, epoch, index)
@@ -170,8 +213,11 @@ class EpochIterator:
     self._step += 1
     if self._step == steps:
       self._release()  # the workers are already busy with the next epoch: keep them for it
-    self._pipeline.note_bad(batch["bad_index"], batch["bad_reason"])
-    return dict(crops=list(batch["crops"]), index=batch["index"], label=batch["label"])
+    self._pipeline.note_bad(batch.pop("bad_index"), batch.pop("bad_reason"))
+    self._pipeline.downscaled += int(batch.pop("downscaled").sum())
+    if "crops" in batch:
+      batch["crops"] = list(batch["crops"])
+    return batch
 
   def _release(self):
     if self._it is not None:
@@ -194,7 +240,8 @@ class Pipeline:
 
   `iterate(epoch, start_step)` yields dict(crops=[uint8 [local_batch, count, size, size, 3] per crop group],
   index=int32 [local_batch] (dataset index, -1 for an undecodable sample whose crops are zeros),
-  label=int32 [local_batch] (-1 unknown)). Where a run is needs no state of its own: batch s of epoch e is
+  label=int32 [local_batch] (-1 unknown)); with device crops (data.crops_on), image, image_size and boxes in
+  place of crops (train_batch_shapes). Where a run is needs no state of its own: batch s of epoch e is
   a function of (seed, e, s), so a resumed run calls iterate(step // steps_per_epoch, step % steps_per_epoch).
   """
 
@@ -217,11 +264,14 @@ class Pipeline:
     self._num_workers = int(data.num_workers)
     self._threads = int(data.threads_per_worker)
     self._prefetch = int(data.prefetch)
+    import jax  # pylint: disable=g-import-not-at-top  (late, as above)
+    self.crops_on, self.canvas = crops_on(data, jax.default_backend()), canvas_size(data)
     self.loader = TrainBatchLoader(
         self.source, seed=int(config.seed), crops=self.crops,
         host_augment_cfg=_plain_augment_cfg(config.augment) if config.augment.where == "host" else None,
         num_examples=self.num_examples, global_batch=self.global_batch, local_batch=self.local_batch,
-        process_index=process_index, steps_per_epoch=self.steps_per_epoch)
+        process_index=process_index, steps_per_epoch=self.steps_per_epoch, where=self.crops_on, canvas=self.canvas)
+    self.downscaled = 0                        # samples larger than the canvas, downscaled first (device crops)
     self._spare = None  # (grain iterator, its next global batch number, its stop) left by a finished epoch
     self._current: EpochIterator | None = None
     self.bad_samples: dict[int, str] = {}    # dataset index -> why it did not decode (this process's share)

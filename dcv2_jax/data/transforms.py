@@ -58,15 +58,30 @@ def resized_crop(img: Image.Image, box: tuple[int, int, int, int], size: int) ->
   return np.asarray(img.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h)))
 
 
+def crop_boxes(rng: np.random.Generator, height: int, width: int, crops: Sequence[Sequence[float]]) -> np.ndarray:
+  """[C, 4] float32 (top, left, h, w) of every crop of the groups (size, count, min_scale, max_scale), in order:
+  what both the host crops (multi_crop) and the device crops (device_crops.py) cut."""
+  return np.asarray([random_resized_crop_box(rng, height, width, (lo, hi))
+                     for _, count, lo, hi in crops for _ in range(int(count))], np.float32).reshape(-1, 4)
+
+
 def multi_crop(image: np.ndarray, rng: np.random.Generator, crops: Sequence[Sequence[float]]) -> list:
   """One uint8 array [count, size, size, 3] per crop group (size, count, min_scale, max_scale)."""
   img = Image.fromarray(image)
+  boxes = iter(crop_boxes(rng, image.shape[0], image.shape[1], crops).astype(int))
+  return [np.stack([resized_crop(img, tuple(next(boxes)), int(size)) for _ in range(int(count))])
+          for size, count, *_ in crops]
+
+
+def fit_canvas(image: np.ndarray, canvas: int) -> tuple[np.ndarray, float, float]:
+  """(image, height factor, width factor): the image as is when it fits a canvas x canvas square, else downscaled
+  to fit (aspect kept; bilinear with antialias, as the host crops resize) with the factors its boxes scale by."""
   height, width = image.shape[:2]
-  out = []
-  for size, count, lo, hi in crops:
-    out.append(np.stack([resized_crop(img, random_resized_crop_box(rng, height, width, (lo, hi)), int(size))
-                         for _ in range(int(count))]))
-  return out
+  if height <= canvas and width <= canvas:
+    return image, 1.0, 1.0
+  scale = canvas / max(height, width)
+  new_h, new_w = min(canvas, max(1, round(height * scale))), min(canvas, max(1, round(width * scale)))
+  return np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR)), new_h / height, new_w / width
 
 
 def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from dcv2_jax import augment, data
+from dcv2_jax import augment, data, device_crops
 from dcv2_jax import config as config_lib
 from dcv2_jax import sharding as shd
 from dcv2_jax.evaluation.features import extract_split
@@ -120,8 +120,9 @@ def train_linear(apply_fn, variables, data_cfg, out_dir: str, protocol=None, *, 
 
   def step(state, variables, batch, epoch):
     params, opt_state = state
-    (crops,) = augment.augment_crops(batch["crops"], batch["index"], epoch, pcfg.augment, seed=cfg.seed,
-                                     out_dtype=jnp.float32)
+    groups = ((int(cfg.crop_size), 1),)
+    (crops,) = augment.augment_crops(device_crops.crops_of(batch, groups), batch["index"], epoch, pcfg.augment,
+                                     seed=cfg.seed, out_dtype=jnp.float32)
     feats = jax.lax.stop_gradient(apply_fn(variables, crops[:, 0]))
     loss_fn = lambda p: masked_cross_entropy(feats @ p["kernel"] + p["bias"], batch["label"], batch["index"] >= 0)
     loss, grads = jax.value_and_grad(loss_fn)(params)
