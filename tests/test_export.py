@@ -1,7 +1,7 @@
 """Weight export/import against torchvision: key names, shapes and eval-mode features on real photographs.
 
-Parity needs non-trivial BatchNorm: we perturb every BN scale/bias and run train-mode passes so the
-running statistics are neither 0 nor 1 (a swapped mean/var or a missed transpose would then show).
+Parity needs non-trivial BatchNorm (tests/torch_reference.py: with_trained_bn): a swapped mean/var or a missed
+transpose would then show.
 """
 import dataclasses
 import os
@@ -19,118 +19,16 @@ from flax import traverse_util
 
 from dcv2_jax import export as E
 from dcv2_jax import load
-from dcv2_jax.config import base_config
 from dcv2_jax.model.head import ProjectionHead
-from dcv2_jax.model.multi_crop import DCv2Model
 from dcv2_jax.model.trunk import ResNet, TrunkArch
 from dcv2_jax.run import checkpoint
 import dcv2_jax
+from torch_reference import (  # noqa: F401  (photos and rn18 are fixtures)
+    assert_close, config_for, load_into_torchvision, numpy_init, our_features, photos, rn18, torchvision_features,
+    trunk_of, with_trained_bn)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.torch
-
-
-def assert_close(ours, ref, rtol):
-  ours, ref = np.asarray(ours), np.asarray(ref)
-  assert ours.shape == ref.shape
-  scale = np.abs(ref).max()
-  assert scale > 1e-3, "degenerate features: the comparison would prove nothing"
-  err = np.abs(ours - ref).max() / scale
-  assert err <= rtol, f"max relative error {err:.2e} > {rtol:.0e}"
-
-
-def config_for(depth, width=1, base_width=64, head_dims=(2048, 128)):
-  c = base_config()
-  c.model.depth, c.model.width, c.model.base_width, c.model.head_dims = depth, width, base_width, head_dims
-  return c
-
-
-@pytest.fixture(scope="module")
-def photos():
-  """sklearn's two sample photographs, short side 256, centre crop 224, ImageNet-normalised, NHWC."""
-  from PIL import Image
-  from sklearn.datasets import load_sample_images
-  out = []
-  for img in load_sample_images().images:
-    h, w = img.shape[:2]
-    im = Image.fromarray(img).resize((round(w * 256 / h), 256), Image.BILINEAR)
-    x = np.asarray(im, np.float32) / 255.0
-    top, left = (x.shape[0] - 224) // 2, (x.shape[1] - 224) // 2
-    out.append(x[top:top + 224, left:left + 224])
-  x = (np.stack(out) - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
-  return x.astype(np.float32)
-
-
-def numpy_init(model, *args):
-  """Variables of `model` drawn with numpy: flax's init of ResNet-50 takes ~15 s on 2 CPU cores."""
-  rng = np.random.default_rng(0)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args, train=False))
-
-  def draw(path, leaf):
-    name = path[-1].key
-    if name == "kernel" and len(leaf.shape) == 4:   # torchvision's kaiming_normal_(fan_out)
-      return rng.normal(0, np.sqrt(2 / np.prod(leaf.shape[:2] + leaf.shape[3:])), leaf.shape).astype(np.float32)
-    if name == "kernel":
-      return rng.uniform(-1, 1, leaf.shape).astype(np.float32) / np.sqrt(leaf.shape[0])
-    return (np.ones if name in ("scale", "var") else np.zeros)(leaf.shape, np.float32)
-  return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
-def with_trained_bn(model, variables, shape, wrap=lambda x: x, passes=3, seed=0):
-  """Perturb BN scale/bias, then update running stats with train-mode passes on random images."""
-  rng = np.random.default_rng(seed)
-  flat = traverse_util.flatten_dict(jax.device_get(variables["params"]))
-  for k, v in flat.items():
-    if k[-1] == "scale":
-      flat[k] = v * rng.uniform(0.5, 1.5, v.shape).astype(np.float32)
-    elif k[-1] == "bias" and k[-2].startswith(("bn", "downsample_bn")):
-      flat[k] = v + rng.normal(0, 0.2, v.shape).astype(np.float32)
-  params = traverse_util.unflatten_dict(flat)
-  stats = variables["batch_stats"]
-  step = jax.jit(lambda p, s, x: model.apply({"params": p, "batch_stats": s}, x, train=True,
-                                             mutable=["batch_stats"])[1]["batch_stats"])
-  for i in range(passes):
-    x = rng.normal(0.3 * i, 1.0 + 0.2 * i, shape).astype(np.float32)
-    stats = step(params, stats, wrap(x))
-  stats = jax.device_get(stats)
-  means = [np.abs(v).mean() for k, v in traverse_util.flatten_dict(stats).items() if k[-1] == "mean"]
-  vars_ = [np.abs(v - 1).mean() for k, v in traverse_util.flatten_dict(stats).items() if k[-1] == "var"]
-  assert min(means) > 1e-4 and min(vars_) > 1e-4, "running statistics stayed trivial"
-  return {"params": params, "batch_stats": stats}
-
-
-@pytest.fixture(scope="module")
-def rn18():
-  """A ResNet-18 DCv2Model with a small BN head, trained BN statistics and 2 heads of 10 centroids."""
-  model = DCv2Model(TrunkArch(18), head_dims=(64, 16))
-  v = numpy_init(model, [jnp.zeros((2, 1, 32, 32, 3))])
-  v = with_trained_bn(model, v, (4, 64, 64, 3), wrap=lambda x: [x[:, None]])  # crop groups [B, n, S, S, 3]
-  centroids = np.random.default_rng(1).normal(size=(2, 10, 16)).astype(np.float32)
-  return config_for(18, head_dims=(64, 16)), v, centroids
-
-
-def trunk_of(v):
-  return {"params": v["params"]["trunk"], "batch_stats": v["batch_stats"]["trunk"]}
-
-
-def our_features(depth, variables, images, width=1, base_width=64):
-  return np.asarray(ResNet(TrunkArch(depth, width, base_width)).apply(variables, images, train=False))
-
-
-def torchvision_features(tv, images):
-  tv.fc = torch.nn.Identity()
-  tv.eval()
-  with torch.no_grad():
-    return tv(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
-
-
-def load_into_torchvision(arch, sd):
-  tv = getattr(torchvision.models, arch)()
-  sd = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v)) for k, v in sd.items()}
-  result = tv.load_state_dict(sd, strict=False)
-  assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"]
-  assert result.unexpected_keys == []
-  return tv
 
 
 def test_resnet18_export_matches_torchvision(rn18, photos):
@@ -152,25 +50,6 @@ def test_resnet50_export_matches_torchvision(photos, tmp_path):
   E.save_state_dict(sd, path)
   tv = load_into_torchvision("resnet50", torch.load(path))   # the one-liner of docs/export.md
   assert_close(our_features(50, v, photos), torchvision_features(tv, photos), 1e-4)
-
-
-def test_torchvision_resnet50_imports_with_load_trunk(photos, tmp_path):
-  torch.manual_seed(0)
-  tv = torchvision.models.resnet50()   # random init, no download
-  for mod in tv.modules():             # non-trivial BN, as after training
-    if isinstance(mod, torch.nn.BatchNorm2d):
-      n = mod.num_features
-      mod.weight.data.uniform_(0.5, 1.5)
-      mod.bias.data.normal_(0, 0.2)
-      mod.running_mean.normal_(0, 0.2)
-      mod.running_var.uniform_(0.5, 2.0)
-      assert mod.running_mean.shape == (n,)
-  path = str(tmp_path / "rn50.pth")
-  torch.save(tv.state_dict(), path)    # includes fc.*: ignored by the trunk import
-  apply_fn, variables = dcv2_jax.load_trunk(path)
-  feats = np.asarray(apply_fn(variables, photos))
-  assert feats.shape == (2, 2048)
-  assert_close(feats, torchvision_features(tv, photos), 1e-4)
 
 
 def test_swav_export_round_trips_with_head_and_prototypes(rn18, photos, tmp_path):
@@ -265,41 +144,6 @@ def test_wide_resnet_needs_swav_format():
     depth, w, loaded = load.from_torch_state_dict(E.to_swav(variables, None, config_for(18, width=width)))
     assert (depth, w) == (18, width)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), jax.device_get(variables))
-
-
-def test_bad_state_dicts_raise_clear_errors(tmp_path):
-  with pytest.raises(ValueError, match=r"Not a ResNet state dict.*foo\.weight"):
-    load.from_torch_state_dict({"foo.weight": np.zeros((3, 3))})
-
-  rn50 = {k: v.numpy() for k, v in torchvision.models.resnet50().state_dict().items()}
-  depth, width, _ = load.from_torch_state_dict(rn50)
-  assert (depth, width) == (50, 1)
-  with pytest.raises(ValueError, match="Depth mismatch: expected ResNet-101"):
-    load.from_torch_state_dict(rn50, depth=101)
-
-  no_block = {k: v for k, v in rn50.items() if not k.startswith("layer3.5.")}
-  with pytest.raises(ValueError, match=r"ResNet-50.*\(3, 4, 5, 3\).*Missing \(15\): layer3\.5\.bn1\.bias, "):
-    load.from_torch_state_dict(no_block)
-
-  missing = dict(rn50)
-  del missing["layer2.1.bn2.running_var"]
-  with pytest.raises(ValueError, match=r"Missing \(1\): layer2\.1\.bn2\.running_var"):
-    load.from_torch_state_dict(missing)
-
-  extra = dict(rn50, **{f"adapter.{i}.weight": np.zeros(3) for i in range(12)})
-  with pytest.raises(ValueError, match=r"Unexpected \(12\): adapter\.0\.weight.*\(2 more\)"):
-    load.from_torch_state_dict(extra)
-
-  bad_shape = dict(rn50, **{"layer1.0.conv2.weight": np.zeros((64, 64, 1, 1), np.float32)})
-  with pytest.raises(ValueError, match=r"layer1\.0\.conv2\.weight \(1, 1, 64, 64\) != \(3, 3, 64, 64\)"):
-    load.from_torch_state_dict(bad_shape)
-
-  path = str(tmp_path / "tensor.pth")
-  torch.save(torch.zeros(3), path)
-  with pytest.raises(ValueError, match="expected a state dict"):
-    dcv2_jax.load_trunk(path)
-  with pytest.raises(ValueError, match=".pth"):
-    E.save_state_dict({}, str(tmp_path / "out.npz"))
 
 
 def test_cli_and_workdir_loading_with_a_checkpoint_stub(rn18, tmp_path, monkeypatch):

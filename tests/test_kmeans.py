@@ -1,4 +1,4 @@
-"""lloyd against a float64 numpy reference; sharded bank equals one device; memory-bank table."""
+"""lloyd against a float64 numpy reference; sharded bank equals one device; cluster_heads over the memory bank."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,10 +8,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from dcv2_jax import kmeans, kmeans_kernel, memory_bank
 from dcv2_jax.kmeans import KMeansSettings
 from dcv2_jax.sharding import make_mesh
-
-
-def unit(x):
-  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+from kmeans_helpers import blobs, unit
 
 
 def reference_lloyd(bank, cents, iters, valid):
@@ -26,11 +23,6 @@ def reference_lloyd(bank, cents, iters, valid):
       if len(members):
         s = members.sum(0)
         cents[k] = s / np.linalg.norm(s)
-
-
-def blobs(rng, n, d, k):
-  centers = unit(rng.normal(size=(k, d)))
-  return unit(centers[rng.integers(0, k, n)] + 0.3 * rng.normal(size=(n, d))).astype(np.float32)
 
 
 @pytest.mark.parametrize("chunk,sums,assign", [(7, "scatter", "xla"), (64, "scatter", "xla"),
@@ -98,36 +90,6 @@ def test_sharded_bank_equals_single_device(sums, assign):
   assert "all-gather" not in hlo and "all-to-all" not in hlo and "all-reduce" in hlo
 
 
-@pytest.mark.parametrize("n,k,d,block_rows,block_k", [(300, 200, 128, 64, 128), (77, 129, 100, 16, 32),
-                                                       (5, 3, 7, 64, 128)])
-def test_fused_nearest_matches_float64(n, k, d, block_rows, block_k):
-  """The fused kernel (interpreted on CPU) gives argmax/max of the float64 scores; ties go to the lowest
-  index, also across centroid blocks."""
-  rng = np.random.default_rng(10)
-  x = rng.normal(size=(n, d)).astype(np.float32)
-  c = rng.normal(size=(k, d)).astype(np.float32)
-  c[k - 1] = c[min(1, k - 2)]                            # a duplicate in a later block: a tie it must lose
-  a, best = kmeans_kernel.nearest(jnp.asarray(x), jnp.asarray(c), block_rows=block_rows, block_k=block_k,
-                                  precision=jax.lax.Precision.HIGHEST)
-  scores = x.astype(np.float64) @ c.astype(np.float64).T
-  np.testing.assert_array_equal(np.asarray(a), scores.argmax(1))
-  np.testing.assert_allclose(np.asarray(best), scores.max(1), atol=1e-4)
-  with pytest.raises(ValueError, match="block_rows=48"):
-    kmeans_kernel.nearest(jnp.asarray(x), jnp.asarray(c), block_rows=48)
-
-
-def test_fused_nearest_bfloat16_inputs():
-  rng = np.random.default_rng(11)
-  x = unit(rng.normal(size=(256, 32))).astype(np.float32)
-  c = unit(rng.normal(size=(50, 32))).astype(np.float32)
-  a, best = kmeans_kernel.nearest(jnp.asarray(x, jnp.bfloat16), jnp.asarray(c))
-  xb = np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), np.float64)
-  cb = np.asarray(jnp.asarray(c, jnp.bfloat16).astype(jnp.float32), np.float64)
-  ref = xb @ cb.T                                        # the bf16-rounded inputs, products summed in fp32+
-  np.testing.assert_allclose(np.asarray(best), ref.max(1), atol=1e-5)
-  np.testing.assert_array_equal(ref[np.arange(256), np.asarray(a)], ref.max(1))
-
-
 def test_init_centroids_valid_distinct_and_deterministic():
   rng = np.random.default_rng(4)
   bank = jnp.asarray(unit(rng.normal(size=(100, 4))), jnp.float32)
@@ -137,27 +99,6 @@ def test_init_centroids_valid_distinct_and_deterministic():
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   rows = [int(np.argmax(np.all(np.isclose(np.asarray(bank), r), axis=1))) for r in np.asarray(a)]
   assert len(set(rows)) == 20 and all(r % 3 == 0 for r in rows)
-
-
-def test_bank_write_rows_and_table():
-  steps, b, d, n_examples = 3, 8, 4, 30
-  bank = memory_bank.create(2, steps, b, d)
-  idx_all = np.arange(steps * b).reshape(steps, b) + 5
-  for s in range(steps):
-    z = np.stack([np.full((b, d), 100 * k + s, np.float32) for k in range(2)])
-    bank = memory_bank.write(bank, s, jnp.asarray(z), jnp.asarray(idx_all[s]))
-  z_rows, index = memory_bank.rows(bank)
-  # Row r of the k-means view holds the sample whose index is index[r], from the step that wrote it.
-  step_of = {int(i): s for s in range(steps) for i in idx_all[s]}
-  for r, i in enumerate(np.asarray(index)):
-    assert np.all(np.asarray(z_rows)[1, r] == 100 + step_of[int(i)])
-  assign = jnp.asarray(np.stack([np.asarray(index) % 7, np.asarray(index) % 5]))
-  table = np.asarray(memory_bank.assignment_table(assign, index, n_examples))
-  for i in range(n_examples):
-    if 5 <= i < 5 + steps * b:
-      assert table[0, i] == i % 7 and table[1, i] == i % 5
-    else:
-      assert table[0, i] == -100 and table[1, i] == -100
 
 
 def test_cluster_all_heads():
@@ -197,21 +138,6 @@ def test_cluster_ignores_non_finite_rows():
   assert np.all(np.isfinite(np.asarray(cents)))
   t = np.asarray(table)[0]
   assert t[19] == -100 and np.all(np.delete(t, 19) >= 0)
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_fused_nearest_lowers_to_a_triton_kernel_for_cuda(dtype):
-  """Without a GPU, lower the kernel for CUDA: JAX's Triton lowering (shapes, primitives, dot precision)
-  must accept it, so a GPU run does not fail there. Compiling the Triton IR to PTX needs the GPU."""
-  from jax import export
-  fn = jax.jit(lambda x, c: kmeans_kernel.nearest(x, c, interpret=False))
-  # The GPU the lowering targets (JAX 0.11 reads its compute capability from the mesh's abstract device).
-  h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
-  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
-    exported = export.export(fn, platforms=["cuda"], disabled_checks=[
-        export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
-        jax.ShapeDtypeStruct((1000, 100), jnp.dtype(dtype)), jax.ShapeDtypeStruct((3000, 100), jnp.float32))
-  assert "__gpu$xla.gpu.triton" in exported.mlir_module()
 
 
 def test_pallas_falls_back_to_xla_where_the_kernel_cannot_run(monkeypatch, caplog):

@@ -1,4 +1,5 @@
-"""The GPU compile check (test_gpu_compile.py) for the multi-crop recipe and the other gradient-reduction choice."""
+"""The GPU compile check (test_bench_gpu_compile.py) for the multi-crop recipe and the other gradient-reduction
+choice."""
 import pytest
 
 from dcv2_jax import bench
@@ -10,7 +11,7 @@ pytestmark = pytest.mark.gpu_compile
 
 def test_the_compute_dtype_choice_sums_in_bfloat16():
   """model.grad_reduce_dtype=compute gives XLA's choice back: the weight gradients go over the devices in bfloat16
-  (half the bytes), so the float32 assertion of test_gpu_compile.py is one that can fail."""
+  (half the bytes), so the float32 assertion of test_bench_gpu_compile.py is one that can fail."""
   config = config_lib.load_file("configs/dcv2_2crops.py")
   config.model.grad_reduce_dtype = "compute"
   (step,) = gpu_compile.check(config, "configs/dcv2_2crops.py", "h100", 8, 64, 1_281_167, ("train_step",))

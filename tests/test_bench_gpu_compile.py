@@ -1,5 +1,5 @@
 """The run's programs compiled by XLA's CUDA compiler for H100s, on a machine without a GPU (bench/gpu_compile.py).
-test_gpu_compile_choices.py holds the other recipes and settings (a second file: CI's two workers compile both at
+test_bench_gpu_compile_choices.py holds the other recipes and settings (a second file: CI's two workers compile both at
 once).
 
 Needs XLA's CUDA compiler (pip install -e ".[gpu-compile]"): CI's third leg runs these files (-m gpu_compile) on
