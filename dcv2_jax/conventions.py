@@ -24,8 +24,9 @@ PRECISIONS = {"default": None, "highest": jax.lax.Precision.HIGHEST}
 
 
 def l2_normalize(x, eps: float = 1e-12):
-  """x / max(||x||, eps) along the last axis: torch.nn.functional.normalize."""
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+  """x / max(||x||, eps) along the last axis: torch.nn.functional.normalize. Written as x * rsqrt(max(||x||^2,
+  eps^2)) so that a zero row has a zero gradient, as torch's, not the NaN of the norm's gradient at 0."""
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), eps * eps))
 
 
 def steps_per_epoch(num_examples: int, global_batch: int) -> int:

@@ -55,3 +55,12 @@ def test_steps_per_epoch_drops_the_last_partial_batch(num_examples, global_batch
   whole = 0 if global_batch == 0 else sum(1 for start in range(0, num_examples, global_batch)
                                           if start + global_batch <= num_examples)
   assert steps_per_epoch(num_examples, global_batch) == whole
+
+
+def test_l2_normalize_has_a_finite_gradient_at_a_zero_row():
+  """A zero row (an embedding that collapsed to 0) must not turn the step's gradients into NaN: torch's
+  normalize gives it a finite gradient; so does ours (jnp.linalg.norm's gradient at 0 is NaN)."""
+  import jax
+  import jax.numpy as jnp
+  g = jax.grad(lambda x: jnp.sum(l2_normalize(x) * jnp.arange(1.0, 4.0)))(jnp.zeros((2, 3)))
+  assert np.isfinite(np.asarray(g)).all()

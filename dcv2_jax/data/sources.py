@@ -41,7 +41,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 
 
 # JPEG kinds, as simplejpeg.decode_jpeg_header names them (colour space, subsampling), that simplejpeg decodes
-# bit-identically to PIL (tests/test_decode.py): the same libjpeg-turbo with the same settings. The rest goes
+# bit-identically to PIL (tests/test_data_sources_decode.py): the same libjpeg-turbo with the same settings. The rest goes
 # to PIL: CMYK and YCCK above all, which PIL converts to RGB with its own formula (simplejpeg's differs by 1).
 FAST_JPEG_KINDS = frozenset({("YCbCr", s) for s in ("444", "422", "420", "440", "411")} | {("Gray", "Gray")})
 # Identical pixels need PIL's JPEG decoder to be libjpeg-turbo too (Pillow's wheels bundle it; IJG libjpeg 9
