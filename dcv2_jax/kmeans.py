@@ -247,7 +247,7 @@ def lloyd(bank, centroids, num_iters: int, valid=None, settings: KMeansSettings 
 
 def member_scores(bank: memory_bank.MemoryBank, centroids, table, head: int = 0):
   """(dataset index [N], cluster [N], score [N]) of every bank row in `head`: how close each sample is to its
-  own centroid (cluster -100 and score -inf for empty slots). For cluster_images: the nearest members."""
+  own centroid (cluster -100 and score -inf for empty slots). For the cluster pictures: the nearest members."""
   z, index = memory_bank.rows(bank)
   rows = z[head % z.shape[0]]
   present = index >= 0

@@ -1,6 +1,6 @@
 """Names and files shared by export and import: our Flax variable paths <-> PyTorch state-dict keys.
 
-Module and parameter names of models.py mirror torchvision's keys (`layer1_0/conv1` is `layer1.0.conv1`), so
+Module and parameter names of model/trunk.py and model/head.py mirror torchvision's keys (`layer1_0/conv1` is `layer1.0.conv1`), so
 the mapping is a renaming plus transposes (conv HWIO <-> OIHW, Linear [in, out] <-> [out, in]).
 """
 from __future__ import annotations

@@ -173,18 +173,19 @@ def check(config, config_name: str, gpu_name: str, num_devices: int, per_device_
       record.update(one())
     except Exception as e:  # pylint: disable=broad-except  (one program that does not compile: say so, go on)
       record.update(compiled=False, error=f"{type(e).__name__}: {' '.join(str(e).split())[:400]}")
-    if name == "supervised_step" and record["compiled"]:
+    compiled = record["compiled"]
+    if compiled and name == "supervised_step":
       supervised = record
-    if name == "train_step" and record["compiled"]:
-      step = record
-    if name == "device_crops" and record["compiled"] and step is not None:
+    elif compiled and name == "device_crops" and step is not None:
       # What cutting the crops on the GPU adds to the step (it is part of the train step's program).
       record["vs_train_step"] = {"flops": round(record["gflops"] / step["gflops"], 4),
                                  "bytes": round(record["gbytes_accessed"] / step["gbytes_accessed"], 4)}
-    elif supervised is not None and "gflops_per_image224" in record:
+    elif compiled and supervised is not None and "gflops_per_image224" in record:
       record["vs_supervised"] = {
           "flops": round(record["gflops_per_image224"] / supervised["gflops_per_image224"], 3),
           "bytes": round(record["mbytes_per_image224"] / supervised["mbytes_per_image224"], 3)}
+    if compiled and name == "train_step":
+      step = record
     out.append(record)
   return out
 

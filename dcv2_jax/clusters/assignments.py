@@ -16,7 +16,7 @@ FOLDER = "assignments"
 
 def save(workdir: str, epoch: int, table, keep: int, **extra) -> str:
   """Writes epoch's table atomically (a temporary file, then a rename); keeps the newest `keep` (0 = all).
-  extra: more arrays for the file (cluster_images' `clusters` and `nearest` members)."""
+  extra: more arrays for the file (the cluster picture's `clusters` and `nearest` members)."""
   folder = os.path.join(workdir, FOLDER)
   os.makedirs(folder, exist_ok=True)
   path = os.path.join(folder, f"epoch_{epoch:04d}.npz")
