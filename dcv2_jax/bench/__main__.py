@@ -11,15 +11,16 @@ import os
 import sys
 
 # `all`, in priority order (every line is printed as soon as it is measured, so a run cut short by a time limit
-# still reports what it reached): the fused k-means kernel, the 2x224 step next to the supervised step, the
-# augmentation alone, the XLA k-means variants, the multi-crop steps, the cheaper jitter order.
+# still reports what it reached): the fused k-means kernel, the 2x224 step next to the supervised step (crops cut
+# on the host and on the device), the augmentation alone, the XLA k-means variants, the multi-crop steps, the
+# cheaper jitter order.
 ALL = (["assign"],
        ["kmeans", "--kmeans_assign", "pallas", "--kmeans_sums", "scatter"],
-       ["step", "--crops", "2x224"],
+       ["step", "--crops", "2x224", "--crops_on", "host,device"],
        ["augment", "--jitter_orders", "random,fixed"],
        ["kmeans", "--kmeans_assign", "xla", "--kmeans_dtypes", "float32"],
        ["kmeans", "--kmeans_assign", "xla", "--kmeans_dtypes", "bfloat16", "--kmeans_sums", "scatter"],
-       ["step", "--crops", "2x160+4x96,2x224+6x96"],
+       ["step", "--crops", "2x160+4x96,2x224+6x96", "--crops_on", "host,device"],
        ["step", "--crops", "2x224", "--jitter_orders", "fixed"])
 COMMANDS = ("step", "kmeans", "assign", "augment", "pipeline", "recipe", "compile", "grad_sum", "all")
 

@@ -20,10 +20,11 @@ CROPS = RECIPE_CROPS
 
 
 def dcv2_step(crops, batch: int, depth: int, base_width: int, dtype: str, steps: int, warmup: int,
-              num_clusters: int, bank_steps: int, jitter_order: str = "random", trace_dir=None) -> dict:
+              num_clusters: int, bank_steps: int, jitter_order: str = "random", trace_dir=None,
+              crops_on: str = "host") -> dict:
   c = base_config()
   c.batch_size, c.num_epochs = batch, 10
-  c.data.crops = crops
+  c.data.crops, c.data.crops_on = crops, crops_on
   c.augment.jitter_order = jitter_order
   c.model.depth, c.model.base_width, c.model.dtype = depth, base_width, dtype
   c.model.head_dims = (max(8 * base_width, 16) * 4, 128) if base_width < 64 else (2048, 128)
@@ -59,10 +60,14 @@ def add_arguments(parser) -> None:
   parser.add_argument("--jitter_orders", default="random",
                       help="comma-separated of random (torchvision's order per image), fixed")
   parser.add_argument("--trace", default="", help="write a jax.profiler trace of the timed steps here")
+  parser.add_argument("--crops_on", default="host",
+                      help="comma-separated of host (uint8 crops in), device (images on the canvas and boxes in: the "
+                           "step cuts the crops, data.crops_on=device)")
 
 
 def check_arguments(args) -> dict:
-  return {"--crops": (args.crops, tuple(CROPS)), "--jitter_orders": (args.jitter_orders, augment.JITTER_ORDERS)}
+  return {"--crops": (args.crops, tuple(CROPS)), "--jitter_orders": (args.jitter_orders, augment.JITTER_ORDERS),
+          "--crops_on": (args.crops_on, ("host", "device"))}
 
 
 _BASELINES: dict = {}   # supervised-step results of this process, by their arguments: `all` runs several cases
@@ -81,12 +86,13 @@ def run(args) -> list[dict]:
                    "dtype": args.dtype, **base})]
   for name in [c for c in args.crops.split(",") if c]:
     for order in [o for o in args.jitter_orders.split(",") if o]:
-      crops = tuple((size(s), n, lo, hi) for s, n, lo, hi in CROPS[name])
-      r = guarded(lambda: dcv2_step(crops, batch, depth, width, args.dtype, steps, warmup,
-                                    num_clusters=30 if args.quick else 3000, bank_steps=4 if args.quick else 100,
-                                    jitter_order=order, trace_dir=args.trace or None))
-      if "img224_per_s" in r and "img224_per_s" in base:
-        r["vs_supervised_img224"] = round(r["img224_per_s"] / base["img224_per_s"], 3)
-      results.append(emit({"bench": "dcv2_step", "crops": name, "jitter_order": order, "batch": batch,
-                           "depth": depth, "dtype": args.dtype, **r}))
+      for where in [w for w in args.crops_on.split(",") if w]:
+        crops = tuple((size(s), n, lo, hi) for s, n, lo, hi in CROPS[name])
+        r = guarded(lambda: dcv2_step(crops, batch, depth, width, args.dtype, steps, warmup,
+                                      num_clusters=30 if args.quick else 3000, bank_steps=4 if args.quick else 100,
+                                      jitter_order=order, trace_dir=args.trace or None, crops_on=where))
+        if "img224_per_s" in r and "img224_per_s" in base:
+          r["vs_supervised_img224"] = round(r["img224_per_s"] / base["img224_per_s"], 3)
+        results.append(emit({"bench": "dcv2_step", "crops": name, "jitter_order": order, "crops_on": where,
+                             "batch": batch, "depth": depth, "dtype": args.dtype, **r}))
   return results
