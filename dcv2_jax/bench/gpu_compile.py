@@ -269,7 +269,10 @@ def run(args) -> list[dict]:
     counts = []
   if not counts or min(counts) < 1:
     raise cli.UsageError(f"--devices {args.devices}: give GPU counts >= 1, e.g. 1,8")
-  gpu_targets.toolkit_versions()                # no CUDA compiler: one line saying what to install
+  try:
+    gpu_targets.toolkit_versions()
+  except ImportError as e:                      # no CUDA compiler here: one line saying what to install
+    raise cli.UsageError(str(e)) from None
   config = config_lib.load_file(args.config)
   num_examples = run_programs.dataset_size(config, args.num_examples)
   out = []
