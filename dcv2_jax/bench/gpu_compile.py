@@ -107,9 +107,8 @@ def lower(name: str, programs: run_programs.RunPrograms):
     size, _ = config_lib.eval_view(config.data)
     rows = -(-protocol.fast_protocol().extract_batch_size // n) * n
     sharded = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharded(mesh))
-    apply_fn = trunk_apply_fn(TrunkArch.from_config(config.model))
-    forward = features.forward_program(apply_fn, config_lib.normalization(config)[0],
-                                       config_lib.normalization(config)[1], mesh)
+    forward = features.forward_program(trunk_apply_fn(TrunkArch.from_config(config.model)),
+                                       *config_lib.normalization(config), mesh)
     return (forward.lower(trunk_variables(state), sharded((rows, size, size, 3), jnp.uint8),
                           sharded((rows,), jnp.int32), sharded((rows,), jnp.int32), sharded((rows,), jnp.bool_)),
             None, _per_device_bytes(state, n))
