@@ -39,7 +39,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Crop groups, large first: (size, count, min_scale, max_scale). 2x224 as published.
   d.crops = ((224, 2, 0.08, 1.0),)
   d.crops_on = "auto"            # where the crops are cut: host (CPU, PIL) | device (in the jitted step; the CPU only
-                                 # decodes) | auto (device on GPUs, host elsewhere). data/pipeline.py, device_crops.py
+                                 # decodes) | auto (device on GPUs unless augment.where=host, host elsewhere).
+                                 # data/pipeline.py, device_crops.py
   d.canvas_size = 0              # device crops: images travel on a canvas x canvas canvas, larger ones downscaled to
                                  # fit first; 0 = auto: 512 for crops >= 160 px (ImageNet photos), else the largest crop
   d.num_workers = 8              # grain worker processes per host (0 = in the main process)
@@ -180,7 +181,7 @@ def resolve(config, num_devices: int, platform: str = "cpu") -> tuple[ml_collect
                  f"{num_devices} (one group)")
   d = config.data
   if d.crops_on == "auto":
-    d.crops_on = pipeline.crops_on(d, platform)
+    d.crops_on = pipeline.crops_on(config, platform)
     notes.append(f"data.crops_on=auto on {platform}: {d.crops_on} (" + (
         "the crops are cut in the step, the CPU only decodes)" if d.crops_on == "device" else "the CPU cuts the crops)"))
   if d.crops_on == "device" and not d.canvas_size and d.crops and not crop_problems(d.crops):

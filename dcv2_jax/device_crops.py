@@ -15,6 +15,7 @@ tests/test_device_crops.py holds the crops within 0.25 levels on average and 2 a
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 
@@ -36,8 +37,11 @@ def resized_crops(image, image_size, boxes, out_size: int):
   height, width = image.shape[1:3]
   wy = resize_weights(boxes[..., 0], boxes[..., 2], out_size, image_size[:, None, 0], height)    # [B, n, S, H]
   wx = resize_weights(boxes[..., 1], boxes[..., 3], out_size, image_size[:, None, 1], width)     # [B, n, S, W]
-  rows = jnp.einsum("bnsh,bhwc->bnswc", wy, image.astype(jnp.float32))
-  return jnp.einsum("bntw,bnswc->bnstc", wx, rows)
+  # HIGHEST: full float32 products. A GPU's default for float32 matmuls is TF32 (10-bit mantissa), which would err
+  # by up to ~0.1 of a grey level on bright pixels; the host's PIL crops are exact to the uint8 rounding.
+  hi = jax.lax.Precision.HIGHEST
+  rows = jnp.einsum("bnsh,bhwc->bnswc", wy, image.astype(jnp.float32), precision=hi)
+  return jnp.einsum("bntw,bnswc->bnstc", wx, rows, precision=hi)
 
 
 def crops_of(batch: dict, groups) -> list:

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from dcv2_jax import config as config_lib
@@ -315,6 +316,14 @@ class EpochTally:
     return metrics
 
 
+def sum_over_processes(count: int) -> int:
+  """A host-side count (e.g. the pipeline's downscaled images: each process sees its own slice) summed over all
+  processes; every process must call it at the same point."""
+  if jax.process_count() == 1:
+    return int(count)
+  return int(np.sum(multihost_utils.process_allgather(np.asarray(count, np.int64))))
+
+
 def train_epoch(run: Run, state: TrainState, epoch: int, first_step: int):
   """Steps 2-5 for one epoch from `first_step`: batches -> train step (which writes the bank) -> logs and
   checkpoints. Returns (state, global step).
@@ -351,15 +360,15 @@ def train_epoch(run: Run, state: TrainState, epoch: int, first_step: int):
   epoch_loss = float(np.mean(tally.losses)) if tally.losses else None
   record = {"step": step, "epoch": epoch, "epoch_loss": epoch_loss, "bad_samples": tally.bad,
             "bad_samples_total": run.bad_samples_total}
-  if config.data.crops_on == "device":      # images larger than the canvas, downscaled first (this process's share)
-    downscaled = run.pipeline.downscaled - downscaled_before
+  if config.data.crops_on == "device":      # images larger than the canvas, downscaled first (all processes)
+    downscaled = sum_over_processes(run.pipeline.downscaled - downscaled_before)
     record["downscaled_samples"] = downscaled
-    if downscaled > DOWNSCALED_WARNING * len(tally.losses) * run.pipeline.local_batch and not run.warned_downscaled:
+    seen = len(tally.losses) * config.batch_size
+    if downscaled > DOWNSCALED_WARNING * seen and not run.warned_downscaled:
       run.warned_downscaled = True
-      logging.warning("epoch %d: %d of this process's %d images were larger than the %d px canvas and were "
-                      "downscaled before their crops were cut (fewer pixels in the small crops): raise "
-                      "--config.data.canvas_size", epoch, downscaled, len(tally.losses) * run.pipeline.local_batch,
-                      config.data.canvas_size)
+      logging.warning("epoch %d: %d of %d images were larger than the %d px canvas and were downscaled before "
+                      "their crops were cut (fewer pixels in the small crops): raise --config.data.canvas_size",
+                      epoch, downscaled, seen, config.data.canvas_size)
   run.writer.write(record)
   uniform = float(np.mean(np.log(run.spec.num_clusters)))
   if epoch >= 1 and epoch_loss is not None and epoch_loss >= (1 - COLLAPSE_MARGIN) * uniform:

@@ -32,6 +32,7 @@ def two_crops():
 def test_train_step_compiles_fits_and_does_a_supervised_steps_work(two_crops, devices):
   step, supervised = compiled(two_crops, "train_step", devices), compiled(two_crops, "supervised_step", devices)
   assert step["fits"] and step["memory_gib"]["peak"] < 80 * 0.9
+  assert step["crops_on"] == "device"          # data.crops_on=auto on GPUs: the step cuts the crops
   # ResNet-50's 53 convolutions forward, backward to the weights and to the inputs (but the stem's: the images
   # need no gradient).
   assert step["cudnn_convolutions"] == 3 * 53 - 1

@@ -68,6 +68,21 @@ def test_sync_bn_groups_larger_than_the_devices_become_one_group():
     config_lib.validate(config_lib.resolve(c, 12)[0], 1_281_167, 100, num_devices=12, num_processes=1)
 
 
+@pytest.mark.parametrize("platform,where,want", [("gpu", "device", "device"), ("cpu", "device", "host"),
+                                                 ("gpu", "host", "host")])
+def test_auto_crops_on_cuts_on_the_gpu_unless_the_colour_ops_run_on_the_host(platform, where, want):
+  c = importlib.import_module("configs.dcv2_2crops").get_config()
+  c.augment.where = where
+  resolved, notes = config_lib.resolve(c, num_devices=8, platform=platform)
+  assert resolved.data.crops_on == want and any(f"data.crops_on=auto on {platform}: {want}" in n for n in notes)
+  assert resolved.data.canvas_size == (512 if want == "device" else 0)
+  config_lib.validate(resolved, 1_281_167, 1000, num_devices=8, num_processes=1)     # a valid pair either way
+  c.data.crops_on = "device"
+  if where == "host":
+    with pytest.raises(config_lib.ConfigError, match="crops_on=device with augment.where=host"):
+      config_lib.validate(config_lib.resolve(c, 8, platform)[0], 1_281_167, 1000, num_devices=8, num_processes=1)
+
+
 @pytest.mark.parametrize("name", ["dcv2_2crops", "dcv2_2x160_4x96", "dcv2_2x224_6x96"])
 @pytest.mark.parametrize("gpus,processes", [(64, 8), (16, 2), (8, 1), (1, 1)])
 def test_recipes_keep_512_samples_per_batchnorm_group_on_any_gpu_count(name, gpus, processes):

@@ -1,5 +1,6 @@
 """The trainer as a command on several processes and on broken machines: two processes equal one, a SIGTERM
 to one of two, a lost process, a full disk, bad input."""
+import json
 import os
 import signal
 import subprocess
@@ -17,8 +18,11 @@ def test_two_processes_equal_one_process(tmp_path, crops_on):
   # processes vs in-process) differ by float rounding, which training amplifies a few times a step, so the
   # exact comparison is after the first step: one step moves the weights by ~3e-4 relative (LARC, lr 0.3),
   # so any difference in what the step computed (data, statistics, gradients) would exceed rtol 1e-5.
-  # crops_on=device: each process sends its images and crop boxes, the step cuts the crops.
+  # crops_on=device: each process sends its images and crop boxes, the step cuts the crops; 12 px crops on a 12 px
+  # canvas, so every 16 px digit is downscaled first and the epoch's count must add up over both processes.
   extra = {"num_epochs": 1, "batch_size": 256, "checkpoint_every_steps": 1, "data.crops_on": crops_on}
+  if crops_on == "device":
+    extra.update({"data.crops": ((12, 2, 0.4, 1.0),), "data.canvas_size": 12})
   one = str(tmp_path / "one")
   r = subprocess.run(cli_args(one, **extra), env=env(4), capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -31,6 +35,10 @@ def test_two_processes_equal_one_process(tmp_path, crops_on):
   errs = [p.communicate(timeout=600)[1] for p in procs]
   assert all(p.returncode == 0 for p in procs), errs[0][-3000:] + errs[1][-3000:]
   assert "2 process(es), 4 device(s)" in errs[0]
+  if crops_on == "device":
+    epochs = [[m for m in map(json.loads, open(os.path.join(w, "metrics.jsonl"))) if "epoch_loss" in m] for w in (one, two)]
+    assert [e[-1]["downscaled_samples"] for e in epochs] == [5 * 256, 5 * 256]
+    assert "1280 of 1280 images were larger than the 12 px canvas" in r.stderr + errs[0]
   # atol 1e-6: a Linear bias in front of BatchNorm has a true gradient of 0, so LARC scales pure rounding
   # noise up to its trust-ratio step (~1e-7 here); a real difference moves conv weights by ~3e-5.
   first = [final_params(os.path.join(w, "checkpoints", "1"))[0] for w in (one, two)]

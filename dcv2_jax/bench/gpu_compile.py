@@ -28,7 +28,8 @@ import numpy as np
 from dcv2_jax import config as config_lib
 from dcv2_jax import device_crops
 from dcv2_jax.bench import baseline, gpu_targets, program_stats, run_programs
-from dcv2_jax.bench.report import GIB, emit
+from dcv2_jax.bench.report import GIB, emit, images224
+from dcv2_jax.data import pipeline, prefetch
 from dcv2_jax.evaluation import features, protocol
 from dcv2_jax.model.trunk import TrunkArch, trunk_apply_fn
 from dcv2_jax.run import distributed
@@ -37,7 +38,8 @@ from dcv2_jax.train_step import trunk_variables
 
 PROGRAMS = ("supervised_step", "train_step", "device_crops", "bank_init_step", "kmeans_xla", "kmeans_pallas",
             "eval_forward")
-PREFETCHED_BATCHES = 2      # data.device_prefetch's queue: batches on the device beside the one in the step
+# Batches on the device beside the one in the step: data.device_prefetch's queue and the one its thread holds.
+PREFETCHED_BATCHES = prefetch.QUEUED_BATCHES + 1
 BATCH_QUANTUM = 8           # the planner's per-device batches are multiples of this
 
 
@@ -54,11 +56,6 @@ def config_for_devices(config, num_devices: int, per_device_batch: int = 0) -> t
     config.model.sync_bn.samples = per_device
     notes.append(f"model.sync_bn.samples {samples} -> {per_device} (one group per device at this batch)")
   return config, notes
-
-
-def images224(config, per_device: int) -> float:
-  """A step's images per device, weighted by (size / 224)^2: comparable with a supervised 224 px image."""
-  return per_device * sum(int(n) * (int(s) / 224) ** 2 for s, n, *_ in config.data.crops)
 
 
 def _per_device_bytes(tree, num_devices: int) -> int:
@@ -88,11 +85,9 @@ def lower(name: str, programs: run_programs.RunPrograms):
   state = run_programs.abstract_state(programs)
   batch = run_programs.abstract_batch(programs)
   if name == "train_step":
-    return (programs.steps.train.lower(state, batch), images224(config, per_device),
+    return (programs.steps.train.lower(state, batch), per_device * images224(config.data.crops),
             PREFETCHED_BATCHES * _per_device_bytes(batch, n))
   if name == "device_crops":                   # the part of the train step that cuts the crops (crops_on=device)
-    if config.data.crops_on != "device":
-      raise ValueError(f"the config cuts its crops on the host (data.crops_on={config.data.crops_on})")
     cut = jax.jit(lambda batch: device_crops.cut(batch, programs.spec.crop_groups), out_shardings=batch_sharded(mesh))
     return cut.lower({k: batch[k] for k in ("image", "image_size", "boxes")}), None, 0
   if name == "bank_init_step":
@@ -156,9 +151,10 @@ def check(config, config_name: str, gpu_name: str, num_devices: int, per_device_
           programs=PROGRAMS) -> list[dict]:
   """One record per program of `programs`, compiled for num_devices x gpu_name (see the module doc)."""
   config, notes = config_for_devices(config, num_devices, per_device_batch)
+  crops_on = pipeline.crops_on(config, "gpu")
   common = {"bench": "compile", "gpu": gpu_name, "devices": num_devices, "config": config_name,
             "per_device_batch": config.batch_size // num_devices, "num_examples": num_examples,
-            "dtype": config.model.dtype, "grad_reduce_dtype": config.model.grad_reduce_dtype,
+            "dtype": config.model.dtype, "grad_reduce_dtype": config.model.grad_reduce_dtype, "crops_on": crops_on,
             **({"notes": notes} if notes else {})}
   out, supervised, step = [], None, None
   for name in [p for p in PROGRAMS if p in programs]:
@@ -168,6 +164,10 @@ def check(config, config_name: str, gpu_name: str, num_devices: int, per_device_
       return compile_one(name, programs_for(config, gpu_name, num_devices, num_examples, assign), gpu_name)
 
     record = {**common, "program": name}
+    if name == "device_crops" and crops_on != "device":
+      record.update(compiled=None, skipped=f"data.crops_on={crops_on}: the host cuts the crops, no such program")
+      out.append(record)
+      continue
     try:
       record.update(one())
     except Exception as e:  # pylint: disable=broad-except  (one program that does not compile: say so, go on)
@@ -217,15 +217,21 @@ def max_batch(config, config_name: str, gpu_name: str, num_devices: int, num_exa
   budget = gpu_targets.GPUS[gpu_name].memory_bytes * distributed.DEVICE_MEMORY_FRACTION
   # A global batch of more samples than the dataset holds is no run: the dataset caps the answer too.
   largest = num_examples // num_devices // BATCH_QUANTUM * BATCH_QUANTUM
-  b0 = max(BATCH_QUANTUM, start or (config.batch_size // num_devices if not config.per_device_batch_size
-                                    else config.per_device_batch_size))
-  b0 = min(b0 // BATCH_QUANTUM * BATCH_QUANTUM, largest // 2)
+  if largest < 2 * BATCH_QUANTUM:
+    raise ValueError(f"{num_examples} samples over {num_devices} GPU(s): fewer than {2 * BATCH_QUANTUM} a GPU, too "
+                     "few to plan a batch for")
+  resolved, _ = config_lib.resolve(config, num_devices, "gpu")      # per_device_batch_size -> batch_size
+  b0 = start or resolved.batch_size // num_devices
+  b0 = min(max(BATCH_QUANTUM, b0 // BATCH_QUANTUM * BATCH_QUANTUM), largest // 2 // BATCH_QUANTUM * BATCH_QUANTUM)
   points = [train_step_peak(config, gpu_name, num_devices, b, num_examples) for b in (b0, 2 * b0)]
   best = max((p for p in points if p["fits"]), key=lambda p: p["batch"], default=None)
   for _ in range(max_tries):
     (b1, m1), (b2, m2) = sorted(((p["batch"], p["peak"]) for p in points))[-2:]
     per_sample = (m2 - m1) / (b2 - b1)
-    guess = min(largest, int((budget - (m1 - per_sample * b1)) / per_sample) // BATCH_QUANTUM * BATCH_QUANTUM)
+    if per_sample <= 0:                       # memory does not grow with the batch: only the dataset limits it
+      guess = largest
+    else:
+      guess = min(largest, int((budget - (m1 - per_sample * b1)) / per_sample) // BATCH_QUANTUM * BATCH_QUANTUM)
     if guess < BATCH_QUANTUM or any(p["batch"] == guess for p in points):
       break
     point = train_step_peak(config, gpu_name, num_devices, guess, num_examples)

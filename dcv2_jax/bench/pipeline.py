@@ -33,11 +33,11 @@ from PIL import Image
 
 from dcv2_jax import config as config_lib
 from dcv2_jax.bench import RECIPE_CROPS
+from dcv2_jax.bench.report import H100_ANCHOR_IMG224_PER_S, images224
 from dcv2_jax.data import pipeline as pipeline_lib, sources
 
 DECODERS = ("simplejpeg", "pil")
 CROPS = RECIPE_CROPS
-H100_IMG224_PER_S = 5653      # perf.md: the plain Flax ResNet-50 step on one H100 (bf16, batch 256 at 224)
 
 
 def natural_jpeg(rng: np.random.Generator, width: int, height: int, quality: int = 90) -> bytes:
@@ -97,8 +97,7 @@ def sample_bytes(crops, crops_on: str) -> int:
 
 def at_h100_rate(crops, samples_per_s_per_core: float, nbytes: int) -> dict:
   """What one H100 at the plain Flax ResNet-50 rate consumes of this case: samples/s, CPU cores, GB/s."""
-  per_sample = sum(int(n) * (int(s) / 224) ** 2 for s, n, *_ in crops)
-  rate = H100_IMG224_PER_S / per_sample
+  rate = H100_ANCHOR_IMG224_PER_S / images224(crops)
   return {"samples_per_s": round(rate), "cores_per_h100": round(rate / samples_per_s_per_core, 1),
           "host_to_device_gb_per_s": round(rate * nbytes / 1e9, 2)}
 

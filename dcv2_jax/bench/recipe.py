@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from dcv2_jax import config as config_lib
 from dcv2_jax.bench import gpu_compile, gpu_targets, run_programs
-from dcv2_jax.bench.report import emit, time_calls
+from dcv2_jax.bench.report import H100_ANCHOR_IMG224_PER_S, emit, time_calls
 from dcv2_jax.sharding import make_mesh
 
 # An H100's achieved rate on a ResNet train step, for estimates from FLOPs: perf.md's plain Flax ResNet-50
-# (bf16, batch 256 @224) ran 5,653 img/s, and XLA counts 23.75 GFLOP per image of that step (Lowered.
-# cost_analysis, the same counter applied to the recipe's step), so about 134 TFLOP/s.
-H100_ANCHOR_IMG_PER_S = 5653
+# (report.H100_ANCHOR_IMG224_PER_S) at the 23.75 GFLOP XLA counts per image of that step (Lowered.cost_analysis,
+# the same counter applied to the recipe's step): about 134 TFLOP/s.
 XLA_GFLOP_PER_IMAGE_RN50 = 23.75
 
 
@@ -25,7 +24,7 @@ def estimate(config_path: str, num_examples: int, steps: int, warmup: int) -> di
   config, spe = programs.config, programs.spec.steps_per_epoch
   lowered = programs.steps.train.lower(run_programs.abstract_state(programs), run_programs.abstract_batch(programs))
   flops = float(lowered.cost_analysis()["flops"])
-  step_s = flops / (H100_ANCHOR_IMG_PER_S * XLA_GFLOP_PER_IMAGE_RN50 * 1e9)
+  step_s = flops / (H100_ANCHOR_IMG224_PER_S * XLA_GFLOP_PER_IMAGE_RN50 * 1e9)
   record = {"config": config_path, "epochs": config.num_epochs, "batch": config.batch_size,
             "crops": "+".join(f"{int(n)}x{int(s)}" for s, n, *_ in config.data.crops),
             "model": f"resnet{config.model.depth}" + ("-cifar" if config.model.stem == "cifar" else ""),

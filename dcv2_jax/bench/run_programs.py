@@ -1,7 +1,7 @@
 """A run's jitted programs for a config on any device mesh, and inputs for them: abstract ones (shapes and
 shardings, to compile for GPUs this machine does not have) or synthetic ones on the devices (to time them here).
 
-The programs are the trainer's own (train_state.make_spec + epoch_steps.jit_epoch_steps), so what is compiled or
+The programs are the trainer's own (train_step.make_spec + train_step.jit_epoch_steps), so what is compiled or
 timed is what a run executes.
 """
 from __future__ import annotations
@@ -42,19 +42,18 @@ class RunPrograms:
   mesh: jax.sharding.Mesh
   spec: StepSpec
   steps: EpochSteps
-  notes: tuple                           # what config.resolve derived (the global batch, the LR rule)
 
 
 def build(config, mesh, num_examples: int) -> RunPrograms:
   """The programs of a run of `config` on `mesh` (every device of it; possibly GPUs of a topology this machine
   lacks) over a dataset of num_examples: the config is resolved and validated as the trainer does."""
   num_devices = mesh.devices.size
-  config, notes = config_lib.resolve(config, num_devices, mesh.devices.flat[0].platform)
+  config, _ = config_lib.resolve(config, num_devices, mesh.devices.flat[0].platform)
   spe = steps_per_epoch(num_examples, config.batch_size)
   config_lib.validate(config, num_examples, spe, num_devices,
                       len({d.process_index for d in mesh.devices.flat}))
   spec = make_spec(config, num_examples, spe, mesh)
-  return RunPrograms(config, mesh, spec, jit_epoch_steps(spec, mesh), tuple(notes))
+  return RunPrograms(config, mesh, spec, jit_epoch_steps(spec, mesh))
 
 
 def abstract_key(mesh) -> jax.ShapeDtypeStruct:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from dcv2_jax import augment
 from dcv2_jax.bench import RECIPE_CROPS, baseline, run_programs
-from dcv2_jax.bench.report import emit, guarded, peak_memory_gib, time_calls
+from dcv2_jax.bench.report import emit, guarded, images224, peak_memory_gib, time_calls
 from dcv2_jax.config import base_config
 from dcv2_jax.conventions import DTYPES
 from dcv2_jax.sharding import batch_sharded, make_mesh, replicated
@@ -34,7 +34,7 @@ def dcv2_step(crops, batch: int, depth: int, base_width: int, dtype: str, steps:
   compile_s, ms = time_calls(train, run_programs.synthetic_state(programs), (run_programs.synthetic_batch(programs),),
                              steps, warmup, trace_dir)
   n_img = sum(int(n) for _, n, *_ in crops) * batch
-  n_224 = sum(int(n) * (int(s) / 224) ** 2 for s, n, *_ in crops) * batch
+  n_224 = images224(crops) * batch
   return {"step_ms": round(ms, 2), "img_per_s": round(n_img / ms * 1e3, 1),
           "img224_per_s": round(n_224 / ms * 1e3, 1), "samples_per_s": round(batch / ms * 1e3, 1),
           "compile_s": round(compile_s, 1), "peak_mem_gb": peak_memory_gib()}

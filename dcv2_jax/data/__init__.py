@@ -3,7 +3,8 @@ training pipeline, evaluation batches and device prefetch. See docs/data.md.
 
     pipeline = Pipeline(config)                 # this process's share of every global batch
     for batch in device_prefetch(pipeline.iterate(epoch), mesh):
-      ...                                       # batch['crops'][g]: [global_batch, count_g, S_g, S_g, 3] uint8
+      ...                                       # batch['crops'][g]: [global_batch, count_g, S_g, S_g, 3] uint8,
+                                                # or (data.crops_on=device) batch['image'], ['image_size'], ['boxes']
 
 jax is imported lazily here: the grain worker processes unpickle these modules and need only numpy/PIL.
 """

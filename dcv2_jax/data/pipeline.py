@@ -37,7 +37,8 @@ def crop_groups(crops) -> tuple[tuple[int, int, float, float], ...]:
 
 # data.crops_on: where the random resized crops are cut. host: here, on the CPU (PIL); device: inside the jitted
 # step (device_crops.py), the CPU only decodes. auto: device on GPUs, host elsewhere (a CPU computes the crops
-# faster than its own resampling matmuls).
+# faster than its own resampling matmuls) and wherever the colour ops run on the host (augment.where=host: they
+# follow the crops, so the crops must be cut there too).
 CROPS_ON = ("auto", "host", "device")
 # The canvas (data.canvas_size = 0, auto) of ImageNet-sized crops (the largest >= 160 px): 512 x 512 holds a
 # typical photo of ImageNet (500 x 375) whole; a larger image is downscaled to fit. Smaller crops (CIFAR, STL-10,
@@ -45,9 +46,11 @@ CROPS_ON = ("auto", "host", "device")
 IMAGENET_CANVAS = 512
 
 
-def crops_on(data_cfg, platform: str) -> str:
-  """data.crops_on with auto resolved for a run on `platform` (jax's backend name)."""
-  return data_cfg.crops_on if data_cfg.crops_on != "auto" else ("device" if platform == "gpu" else "host")
+def crops_on(config, platform: str) -> str:
+  """config.data.crops_on with auto resolved for a run on `platform` (jax's backend name)."""
+  if config.data.crops_on != "auto":
+    return config.data.crops_on
+  return "device" if platform == "gpu" and config.augment.where != "host" else "host"
 
 
 def canvas_size(data_cfg) -> int:
@@ -265,7 +268,7 @@ class Pipeline:
     self._threads = int(data.threads_per_worker)
     self._prefetch = int(data.prefetch)
     import jax  # pylint: disable=g-import-not-at-top  (late, as above)
-    self.crops_on, self.canvas = crops_on(data, jax.default_backend()), canvas_size(data)
+    self.crops_on, self.canvas = crops_on(config, jax.default_backend()), canvas_size(data)
     self.loader = TrainBatchLoader(
         self.source, seed=int(config.seed), crops=self.crops,
         host_augment_cfg=_plain_augment_cfg(config.augment) if config.augment.where == "host" else None,

@@ -10,6 +10,9 @@ import threading
 from typing import Iterator
 
 _END = object()
+# Batches queued on the device ahead of the step. On the device at once beside the step's own batch: these, and one
+# more in the producer's hand, placed and waiting for a free slot.
+QUEUED_BATCHES = 2
 
 
 class _Raised:
@@ -20,7 +23,7 @@ class _Raised:
 class DevicePrefetcher:
   """Iterator of global batches, `size` of them prepared ahead."""
 
-  def __init__(self, iterator: Iterator, mesh, size: int = 2):
+  def __init__(self, iterator: Iterator, mesh, size: int = QUEUED_BATCHES):
     # Late: importing dcv2_jax.data must not import jax, the grain worker processes import it too.
     from dcv2_jax import sharding  # pylint: disable=g-import-not-at-top
 
@@ -81,6 +84,6 @@ class DevicePrefetcher:
     self.close()
 
 
-def device_prefetch(iterator: Iterator, mesh, size: int = 2) -> DevicePrefetcher:
+def device_prefetch(iterator: Iterator, mesh, size: int = QUEUED_BATCHES) -> DevicePrefetcher:
   """Global jax arrays (batch axis sharded over `mesh`'s data axis) from per-process numpy batches."""
   return DevicePrefetcher(iterator, mesh, size)

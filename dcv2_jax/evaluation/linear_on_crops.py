@@ -6,8 +6,9 @@ statistics, no gradient), Linear(features, classes) initialised N(0, 0.01) / 0, 
 0.9, weight decay 1e-6, batch 256, 100 epochs, LR 0.3 cosine-annealed per epoch to 0 (protocol.py).
 Validation: Resize 256, CentreCrop 224, top-1 / top-5, evaluated after every epoch.
 
-The data path is the training pipeline's (grain, crops cut on CPU, flip and normalisation on the device) with
-one crop per image and the colour operations off. Runs resume by default: <out> holds an orbax checkpoint
+The data path is the training pipeline's (grain; the crop cut on the CPU, or on the GPU as training's
+data.crops_on=auto would; flip and normalisation on the device) with one crop per image and the colour
+operations off. Runs resume by default: <out> holds an orbax checkpoint
 of the Linear layer and its optimizer after every epoch, and the same call continues from it. Metrics:
 <out>/metrics.jsonl, one line per epoch.
 """
@@ -37,6 +38,8 @@ def pipeline_config(data_cfg, protocol, mean, std) -> ml_collections.ConfigDict:
   c = config_lib.base_config()
   c.data = ml_collections.ConfigDict(data_cfg.to_dict())
   c.data.crops = ((int(protocol.crop_size), 1, float(protocol.crop_scale[0]), float(protocol.crop_scale[1])),)
+  # Where the crop is cut and its canvas follow this protocol's crop and this machine, not the training run's.
+  c.data.crops_on, c.data.canvas_size = "auto", 0
   c.batch_size, c.num_epochs, c.seed = int(protocol.batch_size), int(protocol.epochs), int(protocol.seed)
   a = c.augment
   a.where, a.flip_p, a.jitter_p, a.grayscale_p, a.blur_p = "device", float(protocol.flip_p), 0.0, 0.0, 0.0
