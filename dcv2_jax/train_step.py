@@ -211,7 +211,8 @@ def _group_of_crop(spec: StepSpec, crop: int):
 def bank_init_step(spec: StepSpec, state: TrainState, batch, slot):
   """The memory bank's initial pass (a fresh run, before epoch 0's k-means): no gradient, BN in train mode,
   each crop of crops_for_mb forwarded on its own, its z stored at `slot`. Its augmentation is drawn as in
-  BANK_PASS_EPOCH (the pipeline's crops too), apart from every training epoch's."""
+  BANK_PASS_EPOCH (the pipeline's crops too), apart from every training epoch's. Returns (state, the batch's
+  undecodable samples): a small output the trainer waits on, one step late, as it does the train step's metrics."""
   index = batch["index"]
   epoch = jnp.asarray(BANK_PASS_EPOCH, jnp.int32)
   zs, batch_stats = [], state.batch_stats
@@ -225,7 +226,7 @@ def bank_init_step(spec: StepSpec, state: TrainState, batch, slot):
     batch_stats = mutated["batch_stats"]
     zs.append(z[:, 0])
   bank = memory_bank.write(state.bank, slot, jnp.stack(zs), index)
-  return state.replace(bank=bank, batch_stats=batch_stats)
+  return state.replace(bank=bank, batch_stats=batch_stats), jnp.sum(index < 0)
 
 
 # ------------------------------------------------------------------------------------------ compiled
@@ -233,7 +234,7 @@ def bank_init_step(spec: StepSpec, state: TrainState, batch, slot):
 @dataclasses.dataclass(frozen=True)
 class EpochSteps:
   init: Callable          # key -> TrainState
-  bank_init: Callable     # (state, batch, slot) -> state
+  bank_init: Callable     # (state, batch, slot) -> (state, undecodable samples)
   kmeans: Callable        # (state, key) -> (state, cluster sizes [H, K])
   train: Callable         # (state, batch) -> (state, metrics, StepControl)
   member_scores: Callable  # state -> (index, cluster, score) of every bank row in head 0 (cluster pictures)
@@ -250,8 +251,8 @@ def jit_epoch_steps(spec: StepSpec, mesh) -> EpochSteps:
                                 settings=spec.kmeans, mesh=mesh)
   return EpochSteps(
       init=jit(functools.partial(init_state, spec), out_shardings=ss),
-      bank_init=jit(functools.partial(bank_init_step, spec), in_shardings=(ss, data, rep), out_shardings=ss,
-                    donate_argnums=0),
+      bank_init=jit(functools.partial(bank_init_step, spec), in_shardings=(ss, data, rep),
+                    out_shardings=(ss, rep), donate_argnums=0),
       kmeans=jit(recluster, in_shardings=(ss, rep), out_shardings=(ss, rep), donate_argnums=0),
       train=jit(functools.partial(train_step, spec), in_shardings=(ss, data), out_shardings=(ss, rep, rep),
                 donate_argnums=0),

@@ -231,15 +231,19 @@ def fill_memory_bank(run: Run, state: TrainState) -> TrainState:
   spe, batch = run.steps_per_epoch, run.config.batch_size
   t0 = time.time()
   progress = Progress(spe, 0, batch, batch * len(run.spec.crops_for_mb))
+  bad, pending = 0, None
   with data.device_prefetch(run.pipeline.bank_pass(), run.mesh) as batches:
     for slot, b in enumerate(batches):
-      state = run.steps.bank_init(state, b, jnp.asarray(slot, jnp.int32))
+      state, skipped = run.steps.bank_init(state, b, jnp.asarray(slot, jnp.int32))
+      # One step queued, as in train_epoch: waiting for the previous step keeps the batches on the device bounded
+      # (a fast input would otherwise queue a step, and its batch, per batch ahead).
+      bad += 0 if pending is None else to_python(pending)
+      pending = skipped
       if itstime(slot + 1, run.config.log_every_steps) and slot + 1 < spe:
-        jax.block_until_ready(state.bank.index)
         r = progress.report(slot + 1)
         logging.info("memory bank: %d/%d steps, %.0f img/s, ETA %s", slot + 1, spe, r["img_per_s"],
                      format_eta(r["eta_s"]))
-  bad = int(to_python(jnp.sum(state.bank.index < 0)))
+  bad += 0 if pending is None else to_python(pending)
   logging.info("memory bank filled: %d rows in %.1fs", spe * batch - bad, time.time() - t0)
   check_bad_data(run, bad, spe * batch, "in the memory bank's initial pass")
   return state

@@ -40,13 +40,31 @@ def test_an_affine_peak_is_found_in_three_compiles(monkeypatch):
   assert r["mib_per_sample"] == 80 and r["fixed_gib"] == 3
 
 
-def test_a_convex_peak_misses_then_refits_below_the_budget(monkeypatch):
-  # Memory grows faster than the line through the first two points (both fit): the extrapolated guess does not.
-  peak = lambda b: 2 * GIB + b * 60 * 2 ** 20 + (b / 256) ** 2 * GIB
-  asked = fake_peaks(monkeypatch, peak)
+def largest_that_fits(peak) -> int:
+  return max(b for b in range(8, 20_000, 8) if peak(b) <= BUDGET)
+
+
+# Memory that grows faster than the line through two points (a strong quadratic term): the line misleads.
+CONVEX = lambda b: 2 * GIB + b * 60 * 2 ** 20 + (b / 256) ** 2 * GIB
+
+
+def test_a_convex_peak_misses_then_refits_to_the_largest_batch_that_fits(monkeypatch):
+  # Both first points fit; the line through them overshoots, that guess misses; the line between the fit and the
+  # miss then finds the answer.
+  asked = fake_peaks(monkeypatch, CONVEX)
   r = plan(per_device_batch_size=128)
-  assert peak(asked[2]) > BUDGET and len(asked) == 4
-  assert peak(r["max_per_device_batch"]) <= BUDGET and r["max_per_device_batch"] == asked[3] > 256
+  assert asked[:2] == [128, 256] and CONVEX(asked[2]) > BUDGET
+  assert r["max_per_device_batch"] == largest_that_fits(CONVEX) and r["limited_by"] == "memory"
+
+
+def test_both_first_batches_too_large_still_find_a_batch_that_fits(monkeypatch):
+  # One GPU starts at the recipe's whole batch (4096, then 8192): neither fits, and a line through two misses
+  # overshoots a convex peak; scaling the smaller miss down to the budget brackets it.
+  asked = fake_peaks(monkeypatch, CONVEX)
+  r = plan(devices=1)
+  assert asked[:2] == [4096, 8192]
+  assert CONVEX(r["max_per_device_batch"]) <= BUDGET
+  assert r["max_per_device_batch"] >= largest_that_fits(CONVEX) - 2 * 8       # within two quanta of the answer
 
 
 def test_the_dataset_caps_the_batch_and_a_flat_peak_is_no_division_by_zero(monkeypatch):

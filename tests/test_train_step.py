@@ -118,7 +118,8 @@ def test_bank_init_pass_then_kmeans_then_step():
   mesh, spec, comp = compiled(8)
   state = comp.init(jax.random.key(0))
   for s in range(STEPS):
-    state = comp.bank_init(state, local_batch_to_global(random_batch(rng, s), mesh), jnp.asarray(s))
+    state, skipped = comp.bank_init(state, local_batch_to_global(random_batch(rng, s), mesh), jnp.asarray(s))
+    assert int(skipped) == 0
   idx = np.asarray(state.bank.index)
   np.testing.assert_array_equal(np.sort(idx.ravel()), np.arange(STEPS * B))
   np.testing.assert_allclose(np.linalg.norm(np.asarray(state.bank.z), axis=-1), 1.0, atol=1e-5)
@@ -253,6 +254,6 @@ def test_device_crops_step_is_the_step_on_those_crops():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(np.asarray(s_dev.bank.z), np.asarray(s_host.bank.z), atol=1e-5)
   state = comp.init(jax.random.key(0))
-  state = comp.bank_init(state, local_batch_to_global(dev, mesh), jnp.asarray(0))
+  state, _ = comp.bank_init(state, local_batch_to_global(dev, mesh), jnp.asarray(0))
   np.testing.assert_array_equal(np.asarray(state.bank.index)[0], dev["index"])
   np.testing.assert_allclose(np.linalg.norm(np.asarray(state.bank.z)[:, 0], axis=-1), 1.0, atol=1e-5)

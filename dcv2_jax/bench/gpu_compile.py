@@ -29,7 +29,7 @@ from dcv2_jax import config as config_lib
 from dcv2_jax import device_crops
 from dcv2_jax.bench import baseline, gpu_targets, program_stats, run_programs
 from dcv2_jax.bench.report import GIB, emit, images224
-from dcv2_jax.data import pipeline, prefetch
+from dcv2_jax.data import prefetch
 from dcv2_jax.evaluation import features, protocol
 from dcv2_jax.model.trunk import TrunkArch, trunk_apply_fn
 from dcv2_jax.run import distributed
@@ -38,8 +38,9 @@ from dcv2_jax.train_step import trunk_variables
 
 PROGRAMS = ("supervised_step", "train_step", "device_crops", "bank_init_step", "kmeans_xla", "kmeans_pallas",
             "eval_forward")
-# Batches on the device beside the one in the step: data.device_prefetch's queue and the one its thread holds.
-PREFETCHED_BATCHES = prefetch.QUEUED_BATCHES + 1
+# Batches on the device beside the one in the running step: the next step's (the trainer queues one step ahead,
+# trainer.train_epoch), data.device_prefetch's queue, and the one its thread holds waiting for a free slot.
+PREFETCHED_BATCHES = 1 + prefetch.QUEUED_BATCHES + 1
 BATCH_QUANTUM = 8           # the planner's per-device batches are multiples of this
 
 
@@ -151,7 +152,7 @@ def check(config, config_name: str, gpu_name: str, num_devices: int, per_device_
           programs=PROGRAMS) -> list[dict]:
   """One record per program of `programs`, compiled for num_devices x gpu_name (see the module doc)."""
   config, notes = config_for_devices(config, num_devices, per_device_batch)
-  crops_on = pipeline.crops_on(config, "gpu")
+  crops_on = programs_for(config, gpu_name, num_devices, num_examples).config.data.crops_on   # as compiled
   common = {"bench": "compile", "gpu": gpu_name, "devices": num_devices, "config": config_name,
             "per_device_batch": config.batch_size // num_devices, "num_examples": num_examples,
             "dtype": config.model.dtype, "grad_reduce_dtype": config.model.grad_reduce_dtype, "crops_on": crops_on,
@@ -209,11 +210,22 @@ def _train_step_peak(config_json: str, compute_capability, num_devices: int, per
   return int(record["memory_gib"]["peak"] * GIB)
 
 
+def _line_points(points) -> list[tuple[int, int]]:
+  """The two (batch, peak) points to draw the memory line through: those that bracket the budget (the largest batch
+  that fits, the smallest that does not); if none fits, the two smallest; if all fit, the two largest."""
+  pairs = sorted((p["batch"], p["peak"], p["fits"]) for p in points)
+  fit, miss = [q[:2] for q in pairs if q[2]], [q[:2] for q in pairs if not q[2]]
+  if fit and miss:
+    return [fit[-1], miss[0]]
+  return miss[:2] if miss else fit[-2:]
+
+
 def max_batch(config, config_name: str, gpu_name: str, num_devices: int, num_examples: int, start: int = 0,
-              max_tries: int = 4) -> dict:
+              max_tries: int = 6) -> dict:
   """The largest per-device batch (a multiple of BATCH_QUANTUM) whose train step fits the card. A step's peak
-  memory is affine in the batch (the state does not grow with it, the activations do): two compiles give the
-  line, a compile at the predicted batch confirms it, and a miss refits with that point (up to max_tries)."""
+  memory is close to affine in the batch (the state does not grow with it, the activations do): two compiles give
+  a line, a compile at the batch where it meets the budget tests it, and each new point refits the line through
+  the two that bracket the budget (up to max_tries more compiles), until the answer repeats."""
   budget = gpu_targets.GPUS[gpu_name].memory_bytes * distributed.DEVICE_MEMORY_FRACTION
   # A global batch of more samples than the dataset holds is no run: the dataset caps the answer too.
   largest = num_examples // num_devices // BATCH_QUANTUM * BATCH_QUANTUM
@@ -225,20 +237,24 @@ def max_batch(config, config_name: str, gpu_name: str, num_devices: int, num_exa
   b0 = min(max(BATCH_QUANTUM, b0 // BATCH_QUANTUM * BATCH_QUANTUM), largest // 2 // BATCH_QUANTUM * BATCH_QUANTUM)
   points = [train_step_peak(config, gpu_name, num_devices, b, num_examples) for b in (b0, 2 * b0)]
   best = max((p for p in points if p["fits"]), key=lambda p: p["batch"], default=None)
+  quantum = lambda b: int(b) // BATCH_QUANTUM * BATCH_QUANTUM
   for _ in range(max_tries):
-    (b1, m1), (b2, m2) = sorted(((p["batch"], p["peak"]) for p in points))[-2:]
+    (b1, m1), (b2, m2) = _line_points(points)
     per_sample = (m2 - m1) / (b2 - b1)
     if per_sample <= 0:                       # memory does not grow with the batch: only the dataset limits it
       guess = largest
     else:
-      guess = min(largest, int((budget - (m1 - per_sample * b1)) / per_sample) // BATCH_QUANTUM * BATCH_QUANTUM)
-    if guess < BATCH_QUANTUM or any(p["batch"] == guess for p in points):
+      guess = min(largest, quantum((budget - (m1 - per_sample * b1)) / per_sample))
+    if best is None:
+      # Nothing fits yet: a line through two misses overshoots when memory grows faster than affine; scaling the
+      # smallest miss down to the budget undershoots an affine one. The smaller of the two soon brackets.
+      guess = min(guess, quantum(b1 * budget / m1))
+    if guess < BATCH_QUANTUM or any(p["batch"] == guess for p in points) or (best and guess <= best["batch"]):
       break
     point = train_step_peak(config, gpu_name, num_devices, guess, num_examples)
     points.append(point)
-    if point["fits"]:
-      best = point if best is None or point["batch"] > best["batch"] else best
-      break
+    if point["fits"] and (best is None or point["batch"] > best["batch"]):
+      best = point
   return {"bench": "compile", "program": "train_step", "plan": "max_batch", "gpu": gpu_name, "devices": num_devices,
           "config": config_name, "max_per_device_batch": best["batch"] if best else 0,
           "limited_by": "the dataset" if best and best["batch"] == largest else "memory",
@@ -284,7 +300,10 @@ def run(args) -> list[dict]:
   for gpu_name in gpus:
     for n in counts:
       if args.max_batch:
-        out.append(emit(max_batch(config, args.config, gpu_name, n, num_examples, args.per_device_batch)))
+        try:
+          out.append(emit(max_batch(config, args.config, gpu_name, n, num_examples, args.per_device_batch)))
+        except ValueError as e:               # a dataset too small to plan for: one line, not a traceback
+          raise cli.UsageError(str(e)) from None
       else:
         out += [emit(r) for r in check(config, args.config, gpu_name, n, args.per_device_batch, num_examples,
                                        programs)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dcv2_jax import config as config_lib
 from dcv2_jax.bench import gpu_compile, gpu_targets, run_programs
 from dcv2_jax.bench.report import H100_ANCHOR_IMG224_PER_S, emit, time_calls
+from dcv2_jax.data import pipeline
 from dcv2_jax.sharding import make_mesh
 
 # An H100's achieved rate on a ResNet train step, for estimates from FLOPs: perf.md's plain Flax ResNet-50
@@ -20,6 +21,8 @@ XLA_GFLOP_PER_IMAGE_RN50 = 23.75
 def estimate(config_path: str, num_examples: int, steps: int, warmup: int) -> dict:
   config = config_lib.load_file(config_path)
   num_examples = run_programs.dataset_size(config, num_examples)
+  # The estimate is a GPU's: the step as a GPU run builds it, its crops cut where data.crops_on=auto puts them there.
+  config.data.crops_on = pipeline.crops_on(config, "gpu")
   programs = run_programs.build(config, make_mesh(), num_examples)
   config, spe = programs.config, programs.spec.steps_per_epoch
   lowered = programs.steps.train.lower(run_programs.abstract_state(programs), run_programs.abstract_batch(programs))
@@ -28,7 +31,7 @@ def estimate(config_path: str, num_examples: int, steps: int, warmup: int) -> di
   record = {"config": config_path, "epochs": config.num_epochs, "batch": config.batch_size,
             "crops": "+".join(f"{int(n)}x{int(s)}" for s, n, *_ in config.data.crops),
             "model": f"resnet{config.model.depth}" + ("-cifar" if config.model.stem == "cifar" else ""),
-            "num_examples": num_examples, "steps_per_epoch": spe, "train_gflop_per_step": round(flops / 1e9, 1),
+            "crops_on": config.data.crops_on, "num_examples": num_examples, "steps_per_epoch": spe, "train_gflop_per_step": round(flops / 1e9, 1),
             "h100_estimate_step_ms": round(step_s * 1e3, 2), "h100_estimate_epoch_s": round(step_s * spe, 1),
             "h100_estimate_run_h": round(step_s * spe * config.num_epochs / 3600, 2),
             "estimate_basis": "FLOPs at the plain Flax ResNet-50 anchor's 134 TFLOP/s (perf.md): a lower bound"}
