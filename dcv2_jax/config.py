@@ -183,7 +183,8 @@ def resolve(config, num_devices: int, platform: str = "cpu") -> tuple[ml_collect
   if d.crops_on == "auto":
     d.crops_on = pipeline.crops_on(config, platform)
     notes.append(f"data.crops_on=auto on {platform}: {d.crops_on} (" + (
-        "the crops are cut in the step, the CPU only decodes)" if d.crops_on == "device" else "the CPU cuts the crops)"))
+        "the crops are cut in the step, the CPU only decodes)" if d.crops_on == "device"
+        else "the CPU cuts the crops)"))
   if d.crops_on == "device" and not d.canvas_size and d.crops and not crop_problems(d.crops):
     d.canvas_size = pipeline.canvas_size(d)
     notes.append(f"device crops: images travel on a {d.canvas_size} x {d.canvas_size} canvas, larger ones downscaled "

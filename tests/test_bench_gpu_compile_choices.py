@@ -12,8 +12,8 @@ pytestmark = pytest.mark.gpu_compile
 def test_the_compute_dtype_choice_sums_in_bfloat16_and_host_crops_compile():
   """model.grad_reduce_dtype=compute gives XLA's choice back: the weight gradients go over the devices in bfloat16
   (half the bytes), so the float32 assertion of test_bench_gpu_compile.py is one that can fail. With the crops cut
-  on the host (data.crops_on=host) the step takes crops (four such batches wait on the device beside the step's), and there is no device_crops
-  program to compile."""
+  on the host (data.crops_on=host) the step takes crops (four such batches wait on the device beside the step's),
+  and there is no device_crops program to compile."""
   config = config_lib.load_file("configs/dcv2_2crops.py")
   config.model.grad_reduce_dtype, config.data.crops_on = "compute", "host"
   step, crops = gpu_compile.check(config, "configs/dcv2_2crops.py", "h100", 8, 64, 1_281_167,

@@ -36,7 +36,8 @@ def test_two_processes_equal_one_process(tmp_path, crops_on):
   assert all(p.returncode == 0 for p in procs), errs[0][-3000:] + errs[1][-3000:]
   assert "2 process(es), 4 device(s)" in errs[0]
   if crops_on == "device":
-    epochs = [[m for m in map(json.loads, open(os.path.join(w, "metrics.jsonl"))) if "epoch_loss" in m] for w in (one, two)]
+    lines = [map(json.loads, open(os.path.join(w, "metrics.jsonl"))) for w in (one, two)]
+    epochs = [[m for m in ms if "epoch_loss" in m] for ms in lines]
     assert [e[-1]["downscaled_samples"] for e in epochs] == [5 * 256, 5 * 256]
     assert "1280 of 1280 images were larger than the 12 px canvas" in r.stderr + errs[0]
   # atol 1e-6: a Linear bias in front of BatchNorm has a true gradient of 0, so LARC scales pure rounding

@@ -90,7 +90,8 @@ def _config(root: str, crops, crops_on: str, batch: int):
 
 def sample_bytes(crops, crops_on: str) -> int:
   """Bytes one sample sends to the accelerator (train_batch_shapes)."""
-  shapes = pipeline_lib.train_batch_shapes(crops, 1, crops_on, pipeline_lib.canvas_size(_config("", crops, crops_on, 1).data))
+  canvas = pipeline_lib.canvas_size(_config("", crops, crops_on, 1).data)
+  shapes = pipeline_lib.train_batch_shapes(crops, 1, crops_on, canvas)
   flat = [sd for v in shapes.values() for sd in (v if isinstance(v, list) else [v])]
   return int(sum(np.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in flat))
 

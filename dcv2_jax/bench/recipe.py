@@ -31,7 +31,8 @@ def estimate(config_path: str, num_examples: int, steps: int, warmup: int) -> di
   record = {"config": config_path, "epochs": config.num_epochs, "batch": config.batch_size,
             "crops": "+".join(f"{int(n)}x{int(s)}" for s, n, *_ in config.data.crops),
             "model": f"resnet{config.model.depth}" + ("-cifar" if config.model.stem == "cifar" else ""),
-            "crops_on": config.data.crops_on, "num_examples": num_examples, "steps_per_epoch": spe, "train_gflop_per_step": round(flops / 1e9, 1),
+            "crops_on": config.data.crops_on, "num_examples": num_examples, "steps_per_epoch": spe,
+            "train_gflop_per_step": round(flops / 1e9, 1),
             "h100_estimate_step_ms": round(step_s * 1e3, 2), "h100_estimate_epoch_s": round(step_s * spe, 1),
             "h100_estimate_run_h": round(step_s * spe * config.num_epochs / 3600, 2),
             "estimate_basis": "FLOPs at the plain Flax ResNet-50 anchor's 134 TFLOP/s (perf.md): a lower bound"}
