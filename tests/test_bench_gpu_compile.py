@@ -32,6 +32,7 @@ def two_crops():
 def test_train_step_compiles_fits_and_does_a_supervised_steps_work(two_crops, devices):
   step, supervised = compiled(two_crops, "train_step", devices), compiled(two_crops, "supervised_step", devices)
   assert step["fits"] and step["memory_gib"]["peak"] < 80 * 0.9
+  assert step["rematerialized"] == 0              # far from the card's memory: XLA recomputes nothing to fit
   # data.crops_on=auto on GPUs: the step cuts the crops from 512 px canvases; four such batches wait beside it.
   assert step["crops_on"] == "device"
   assert abs(step["memory_gib"]["held"] - 4 * 64 * 512 * 512 * 3 / 2 ** 30) < 0.01

@@ -127,7 +127,7 @@ def compile_one(name: str, programs: run_programs.RunPrograms, gpu_name: str) ->
             "headroom_gib": round((budget - peak) / GIB, 2),
             "collectives": {k: {"count": v["count"], "mb": round(v["bytes"] / 2 ** 20, 1)}
                             for k, v in stats.pop("collectives").items()},
-            **{k: stats[k] for k in ("cudnn_convolutions", "pallas_kernels", "triton_fusions")},
+            **{k: stats[k] for k in ("cudnn_convolutions", "pallas_kernels", "triton_fusions", "rematerialized")},
             "gflops": round(stats["flops"] / 1e9, 1), "gbytes_accessed": round(stats["bytes_accessed"] / 1e9, 2)}
   if images:
     record["gflops_per_image224"] = round(stats["flops"] / images / 1e9, 2)
@@ -194,20 +194,19 @@ def check(config, config_name: str, gpu_name: str, num_devices: int, per_device_
 
 def train_step_peak(config, gpu_name: str, num_devices: int, per_device_batch: int, num_examples: int) -> dict:
   budget = gpu_targets.GPUS[gpu_name].memory_bytes * distributed.DEVICE_MEMORY_FRACTION
-  peak = _train_step_peak(config.to_json(), gpu_targets.GPUS[gpu_name].compute_capability, num_devices,
-                          per_device_batch, num_examples)
-  return {"batch": per_device_batch, "peak": peak, "fits": peak <= budget}
+  peak, remat = _train_step_peak(config.to_json(), gpu_name, num_devices, per_device_batch, num_examples)
+  return {"batch": per_device_batch, "peak": peak, "fits": peak <= budget, "rematerialized": remat}
 
 
 @functools.lru_cache(maxsize=None)
-def _train_step_peak(config_json: str, compute_capability, num_devices: int, per_device_batch: int,
-                     num_examples: int) -> int:
-  """Peak bytes per device of the train step; cards of one compute capability (H100, H200) get the same program
-  from XLA, so one compile serves both."""
-  gpu_name = next(name for name, gpu in gpu_targets.GPUS.items() if gpu.compute_capability == compute_capability)
+def _train_step_peak(config_json: str, gpu_name: str, num_devices: int, per_device_batch: int,
+                     num_examples: int) -> tuple[int, int]:
+  """(peak bytes per device, instructions rematerialized) of the train step. One compile per card, even for cards
+  of one compute capability (H100, H200): XLA rematerializes a program that exceeds the card's memory, so the
+  program, and its peak, depend on the card's size."""
   config, _ = config_for_devices(config_lib.from_saved(json.loads(config_json)), num_devices, per_device_batch)
   record = compile_one("train_step", programs_for(config, gpu_name, num_devices, num_examples), gpu_name)
-  return int(record["memory_gib"]["peak"] * GIB)
+  return int(record["memory_gib"]["peak"] * GIB), record["rematerialized"]
 
 
 def _line_points(points) -> list[tuple[int, int]]:
@@ -259,6 +258,7 @@ def max_batch(config, config_name: str, gpu_name: str, num_devices: int, num_exa
           "config": config_name, "max_per_device_batch": best["batch"] if best else 0,
           "limited_by": "the dataset" if best and best["batch"] == largest else "memory",
           "peak_gib": round(best["peak"] / GIB, 2) if best else None, "budget_gib": round(budget / GIB, 1),
+          "rematerialized": best["rematerialized"] if best else None,
           "mib_per_sample": round(per_sample / 2 ** 20, 2), "fixed_gib": round((m1 - per_sample * b1) / GIB, 2),
           "batches_tried": sorted(p["batch"] for p in points)}
 

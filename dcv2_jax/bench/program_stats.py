@@ -92,11 +92,15 @@ def _conv_flops(ins, text: str) -> int:
 
 def read(compiled) -> dict:
   """Everything this module reads from a compiled program, per device: memory (bytes), collectives, cuDNN
-  convolutions, Pallas (Triton) kernels, XLA's Triton fusions (its matmuls and some reductions), FLOPs (XLA's
+  convolutions, Pallas (Triton) kernels, XLA's Triton fusions (its matmuls and some reductions), instructions
+  added by rematerialization, FLOPs (XLA's
   HloCostAnalysis of the optimized module plus the convolutions it counts as 0) and bytes accessed."""
   from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top  (no public entry to HloCostAnalysis)
-  convs = conv_flops = pallas = triton_fusions = 0
+  convs = conv_flops = pallas = triton_fusions = remat = 0
   for ins in instructions(compiled):
+    # XLA's rematerialization (when a program exceeds the card's memory) recomputes values instead of keeping
+    # them, and names each copy it adds "<name>.remat".
+    remat += ".remat" in ins.name
     op = str(ins.opcode).rsplit(".", 1)[-1]
     if op not in ("kCustomCall", "kFusion"):
       continue
@@ -111,6 +115,6 @@ def read(compiled) -> dict:
   client = jax.devices("cpu")[0].client
   analyses = [_jax.hlo_module_cost_analysis(client, module) for module in hlo_modules(compiled)]
   return dict(memory=memory(compiled), collectives=collectives(compiled), cudnn_convolutions=convs,
-              pallas_kernels=pallas, triton_fusions=triton_fusions,
+              pallas_kernels=pallas, triton_fusions=triton_fusions, rematerialized=remat,
               flops=conv_flops + sum(a.get("flops", 0.0) for a in analyses),
               bytes_accessed=sum(a.get("bytes accessed", 0.0) for a in analyses))
