@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from dcv2_jax import config as config_lib
@@ -35,7 +34,7 @@ from dcv2_jax.conventions import steps_per_epoch
 from dcv2_jax.model import batchnorm
 from dcv2_jax.model.multi_crop import crops_per_trunk_pass
 from dcv2_jax.model.trunk import TrunkArch, trunk_apply_fn
-from dcv2_jax.run import checkpoint
+from dcv2_jax.run import checkpoint, distributed
 from dcv2_jax.run.metric_writer import MetricWriter, Progress, format_eta
 from dcv2_jax.run.preemption import PreemptionNotice
 from dcv2_jax.sharding import make_mesh, to_numpy, to_python
@@ -320,14 +319,6 @@ class EpochTally:
     return metrics
 
 
-def sum_over_processes(count: int) -> int:
-  """A host-side count (e.g. the pipeline's downscaled images: each process sees its own slice) summed over all
-  processes; every process must call it at the same point."""
-  if jax.process_count() == 1:
-    return int(count)
-  return int(np.sum(multihost_utils.process_allgather(np.asarray(count, np.int64))))
-
-
 def train_epoch(run: Run, state: TrainState, epoch: int, first_step: int):
   """Steps 2-5 for one epoch from `first_step`: batches -> train step (which writes the bank) -> logs and
   checkpoints. Returns (state, global step).
@@ -365,7 +356,7 @@ def train_epoch(run: Run, state: TrainState, epoch: int, first_step: int):
   record = {"step": step, "epoch": epoch, "epoch_loss": epoch_loss, "bad_samples": tally.bad,
             "bad_samples_total": run.bad_samples_total}
   if config.data.crops_on == "device":      # images larger than the canvas, downscaled first (all processes)
-    downscaled = sum_over_processes(run.pipeline.downscaled - downscaled_before)
+    downscaled = distributed.sum_over_processes(run.pipeline.downscaled - downscaled_before)
     record["downscaled_samples"] = downscaled
     seen = len(tally.losses) * config.batch_size
     if downscaled > DOWNSCALED_WARNING * seen and not run.warned_downscaled:

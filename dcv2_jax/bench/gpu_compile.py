@@ -59,6 +59,11 @@ def config_for_devices(config, num_devices: int, per_device_batch: int = 0) -> t
   return config, notes
 
 
+def budget_bytes(gpu_name: str) -> float:
+  """What a program may use of the card: the share of its memory train.py lets XLA claim."""
+  return gpu_targets.GPUS[gpu_name].memory_bytes * distributed.DEVICE_MEMORY_FRACTION
+
+
 def _per_device_bytes(tree, num_devices: int) -> int:
   """Bytes a device holds of abstract arrays: a sharded array's share, a replicated array whole."""
   total = 0
@@ -118,7 +123,7 @@ def compile_one(name: str, programs: run_programs.RunPrograms, gpu_name: str) ->
   lowered, images, held = lower(name, programs)
   compiled = lowered.compile()
   stats = program_stats.read(compiled)
-  budget = gpu_targets.GPUS[gpu_name].memory_bytes * distributed.DEVICE_MEMORY_FRACTION
+  budget = budget_bytes(gpu_name)
   mem = stats.pop("memory")
   peak = mem["total"] + held
   record = {"compiled": True, "compile_s": round(time.perf_counter() - t0, 1),
@@ -193,7 +198,7 @@ def check(config, config_name: str, gpu_name: str, num_devices: int, per_device_
 # ------------------------------------------------------------------------------------------ the planner
 
 def train_step_peak(config, gpu_name: str, num_devices: int, per_device_batch: int, num_examples: int) -> dict:
-  budget = gpu_targets.GPUS[gpu_name].memory_bytes * distributed.DEVICE_MEMORY_FRACTION
+  budget = budget_bytes(gpu_name)
   peak, remat = _train_step_peak(config.to_json(), gpu_name, num_devices, per_device_batch, num_examples)
   return {"batch": per_device_batch, "peak": peak, "fits": peak <= budget, "rematerialized": remat}
 
@@ -225,7 +230,7 @@ def max_batch(config, config_name: str, gpu_name: str, num_devices: int, num_exa
   memory is close to affine in the batch (the state does not grow with it, the activations do): two compiles give
   a line, a compile at the batch where it meets the budget tests it, and each new point refits the line through
   the two that bracket the budget (up to max_tries more compiles), until the answer repeats."""
-  budget = gpu_targets.GPUS[gpu_name].memory_bytes * distributed.DEVICE_MEMORY_FRACTION
+  budget = budget_bytes(gpu_name)
   # A global batch of more samples than the dataset holds is no run: the dataset caps the answer too.
   largest = num_examples // num_devices // BATCH_QUANTUM * BATCH_QUANTUM
   if largest < 2 * BATCH_QUANTUM:

@@ -29,7 +29,9 @@ import time
 from typing import Any, Callable
 
 import jax
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 _CLUSTER_ENV = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS", "JOB_COMPLETION_INDEX")
 DEFAULT_PEER_TIMEOUT = 120          # seconds without a peer's heartbeat before it counts as lost
@@ -215,3 +217,11 @@ def jit(fun: Callable, **jit_kwargs) -> AlignedJit:
   """jax.jit(fun, **jit_kwargs) for a program with collectives across processes (see AlignedJit)."""
   name = getattr(fun, "__name__", None) or getattr(getattr(fun, "func", None), "__name__", "program")
   return AlignedJit(jax.jit(fun, **jit_kwargs), name)
+
+
+def sum_over_processes(count: int) -> int:
+  """A host-side count (e.g. the pipeline's downscaled images: each process sees its own slice) summed over all
+  processes; every process must call it at the same point."""
+  if jax.process_count() == 1:
+    return int(count)
+  return int(np.sum(multihost_utils.process_allgather(np.asarray(count, np.int64))))
